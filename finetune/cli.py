@@ -1,0 +1,167 @@
+"""The ``finetune`` command. Each command parses, calls the library, and maps errors to exit codes.
+
+Exit codes: 0 success; 2 bad input (``UserError``: recipe, paths, checkpoints, data); 130 after
+Ctrl-C; 1 anything else. Torch is imported inside commands so that ``finetune --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Fine-tune pretrained image models from a YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+_debug = False
+
+RecipeArg = Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a recipe key: --set optimizer.lr=3e-4 (repeatable)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(help="Show tracebacks for every error.")] = False
+             ) -> None:
+    global _debug
+    _debug = debug
+
+
+def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Map ``UserError`` to exit 2, Ctrl-C to 130 and anything else to 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from finetune.errors import UserError
+
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            if _debug:
+                raise
+            errors.print(f"error: {error}", markup=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            errors.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 - the top of the program: report, exit 1
+            if _debug:
+                raise
+            errors.print(f"error: {type(error).__name__}: {error}", markup=False)
+            errors.print("(run with --debug for the traceback)", markup=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _load_recipe(path: Path, overrides: list[str] | None):
+    from finetune.recipe import Recipe
+
+    return Recipe.load(path, overrides or [])
+
+
+@app.command()
+@handles_errors
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe without building anything: prints "ok" or every error (exit 2)."""
+    loaded = _load_recipe(recipe, set_)
+    console.print(f"ok: {recipe} (name {loaded.name}, backbone {loaded.model.backbone})")
+
+
+@app.command()
+@handles_errors
+def run(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Write the run here.")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        help="Continue a run from its last/ checkpoint: a run folder, or with no value the "
+             "recipe's latest run.", flag_value="latest", is_flag=False)] = None,
+) -> None:
+    """Validate, build, train, evaluate and checkpoint. The last line printed is the run folder."""
+    from finetune.training import resolve_resume
+    from finetune.training import run as run_training
+
+    loaded = _load_recipe(recipe, set_)
+    resume_dir = None
+    if resume is not None:
+        resume_dir, loaded = resolve_resume(resume, loaded, run_dir, set_ or [])
+    try:
+        result = run_training(loaded, run_dir=run_dir, resume=resume_dir, console=console)
+    except KeyboardInterrupt:
+        errors.print("interrupted: the last completed epoch is in last/; continue with "
+                     f"`finetune run {recipe} --resume <run folder>`", markup=False)
+        raise
+    best = result.summary["best"]
+    metric = loaded.output.save_best
+    if best["epoch"] is not None:
+        console.print(f"best {metric} {best[metric]:.4f} at epoch {best['epoch']}")
+    console.print(str(result.run_dir), markup=False)
+
+
+@app.command("eval")
+@handles_errors
+def eval_(
+    source: Annotated[Path, typer.Argument(help="A run folder or a checkpoint inside one.")],
+    data: Annotated[Path, typer.Argument(help="An image folder with one sub-folder per class.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Loss, top-1, top-5 and per-class accuracy of a trained model on an image folder."""
+    from finetune.inference import evaluate_folder, load_trained
+
+    trained = load_trained(source)
+    result = evaluate_folder(trained, data)
+    if json_:
+        console.print_json(json.dumps(result))
+        return
+    from rich.table import Table
+
+    console.print("  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    table = Table("class", "images", "top-1")
+    for name, row in result["per_class"].items():
+        table.add_row(name, str(row["images"]), f"{row['top1']:.1%}")
+    console.print(table)
+
+
+@app.command()
+@handles_errors
+def predict(
+    source: Annotated[Path, typer.Argument(help="A run folder or a checkpoint inside one.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
+    json_: JsonOpt = False,
+) -> None:
+    """Top-k classes and probabilities for each image."""
+    from finetune.inference import load_trained, predict_images
+
+    predictions = predict_images(load_trained(source), images, top_k=top_k)
+    if json_:
+        console.print_json(json.dumps(predictions))
+        return
+    for item in predictions:
+        ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in item["top_k"])
+        console.print(f"{item['image']}: {ranked}", markup=False)
+
+
+def main() -> None:
+    app(prog_name="finetune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The training loop: one file, read top to bottom.
+
+Per batch: forward under autocast -> loss / accumulation steps -> backward -> on the accumulation
+boundary: unscale, clip, optimizer step, zero_grad, scheduler step. Per epoch: evaluate ->
+checkpoint ``last/`` (and ``best/`` when the monitored metric improved) -> log a metrics row.
+Device, precision and process rank come from ``Runtime``; the loop never tests for them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.checkpoint import RunFolder, rng_state
+from finetune.progress import EpochProgress
+from finetune.runtime import Runtime
+
+
+@dataclass
+class LoopState:
+    """What the loop carries across epochs and across a resume."""
+
+    epoch: int = 0  # epochs completed
+    best_epoch: int | None = None
+    best_value: float | None = None
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, num_classes: int,
+             per_class: bool = False) -> dict[str, Any]:
+    """Loss, top-1 and (with 5 or more classes) top-5 accuracy over ``loader``.
+
+    Sums are reduced over processes, so a sharded evaluation gives the single-process numbers.
+    With ``per_class``, also ``per_class_images`` and ``per_class_correct`` (lists by class).
+    """
+    model.eval()
+    device = runtime.device
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
+    class_counts = torch.zeros(2, num_classes, device=device, dtype=torch.float64)
+    with torch.inference_mode(), runtime.autocast():
+        for images, labels in loader:
+            images, labels = runtime.to_device(images, labels)
+            logits = model(images).float()
+            top = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
+            totals += torch.stack([
+                F.cross_entropy(logits, labels, reduction="sum"),
+                top[:, 0].sum(), top.any(dim=1).sum(), torch.tensor(len(labels)),
+            ]).to(totals)
+            class_counts[0].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+            class_counts[1].index_add_(0, labels, top[:, 0].to(torch.float64))
+    loss, top1, top5, count = runtime.all_reduce_sum(totals).tolist()
+    metrics: dict[str, Any] = {"val/loss": loss / count, "val/top1": top1 / count}
+    if num_classes >= 5:
+        metrics["val/top5"] = top5 / count
+    if per_class:
+        images_per_class, correct_per_class = runtime.all_reduce_sum(class_counts).tolist()
+        metrics["per_class_images"] = [int(n) for n in images_per_class]
+        metrics["per_class_correct"] = [int(n) for n in correct_per_class]
+    return metrics
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, runtime: Runtime, progress: EpochProgress, *,
+                    grad_accum_steps: int, clip_grad_norm: float | None, label_smoothing: float,
+                    step_scheduler_per_batch: bool) -> dict[str, float]:
+    """One pass over ``loader``; returns train loss, accuracy and images per second."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = correct = seen = 0.0
+    start = time.perf_counter()
+    for index, (images, labels) in enumerate(loader):
+        images, labels = runtime.to_device(images, labels)
+        with runtime.autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        runtime.backward(loss / grad_accum_steps)
+        if (index + 1) % grad_accum_steps == 0 or index + 1 == len(loader):
+            runtime.step(optimizer, model, clip_grad_norm)
+            if step_scheduler_per_batch:
+                scheduler.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        seen += len(labels)
+        progress.update(loss_sum / seen, correct / seen, seen / (time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    return {"train/loss": loss_sum / seen, "train/top1": correct / seen,
+            "img_per_s": seen * runtime.world_size / seconds, "seconds": seconds}
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best
+
+
+def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+        optimizer: torch.optim.Optimizer, scheduler: Any, runtime: Runtime, *,
+        epochs: int, num_classes: int, state: LoopState, run: RunFolder | None,
+        progress: EpochProgress, shuffle_generator: torch.Generator, seed: int,
+        grad_accum_steps: int = 1, clip_grad_norm: float | None = None,
+        label_smoothing: float = 0.0, scheduler_interval: str = "step",
+        save_best: str = "val/top1") -> LoopState:
+    """Train from epoch ``state.epoch + 1`` to ``epochs``, checkpointing after every epoch."""
+    for epoch in range(state.epoch + 1, epochs + 1):
+        # The same seed per epoch gives the same order whether or not the run was resumed.
+        shuffle_generator.manual_seed(seed + epoch)
+        progress.start_epoch(epoch, epochs, len(train_loader))
+        train_metrics = train_one_epoch(
+            model, train_loader, optimizer, scheduler, runtime, progress,
+            grad_accum_steps=grad_accum_steps, clip_grad_norm=clip_grad_norm,
+            label_smoothing=label_smoothing, step_scheduler_per_batch=scheduler_interval == "step")
+        lrs = {group.get("name", str(i)): group["lr"]
+               for i, group in enumerate(optimizer.param_groups)}
+        if scheduler_interval == "epoch":
+            scheduler.step()
+        val_metrics = evaluate(model, val_loader, runtime, num_classes)
+        state.epoch, state.train_seconds = epoch, state.train_seconds + train_metrics["seconds"]
+        improved = is_better(val_metrics[save_best], state.best_value, save_best)
+        if improved:
+            state.best_epoch, state.best_value = epoch, val_metrics[save_best]
+        row = {"epoch": epoch, "epochs": epochs, **train_metrics, **val_metrics,
+               "lr": next(iter(lrs.values())), **{f"lr/{k}": v for k, v in lrs.items()}}
+        state.history.append(row)
+        if run is not None:
+            checkpoint = checkpoint_state(optimizer, scheduler, runtime, state)
+            run.save_checkpoint("last", model, checkpoint)
+            if improved:
+                run.save_checkpoint("best", model, checkpoint)
+            run.append_metrics(row)
+        progress.end_epoch(row)
+        if not math.isfinite(row["train/loss"]):
+            raise FloatingPointError(f"training loss became {row['train/loss']} at epoch "
+                                     f"{epoch}; lower optimizer.lr or set train.clip_grad_norm")
+    return state
+
+
+def checkpoint_state(optimizer: torch.optim.Optimizer, scheduler: Any, runtime: Runtime,
+                     state: LoopState) -> dict[str, Any]:
+    """Everything besides the weights that an exact resume needs (loads with weights_only)."""
+    return {
+        "epoch": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_value": state.best_value,
+        "train_seconds": state.train_seconds,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": runtime.scaler.state_dict(),
+        "rng": rng_state(),
+    }

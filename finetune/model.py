@@ -1,0 +1,140 @@
+"""Backbone + new head: any timm model by name, torchvision's with a ``torchvision:`` prefix.
+
+The model keeps the backbone's own parameter names (``layer3.0.conv1.weight``, ``fc.weight``) so
+that freeze patterns, parameter-group rules and checkpoints from elsewhere read the same as in
+timm or torchvision. Only the classifier module is swapped for the head the recipe asks for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+
+from torch import nn
+
+from finetune.errors import UserError
+from finetune.heads import build_head
+from finetune.recipe import HeadConfig, LoadConfig
+from finetune.weights import LoadReport, load_partial
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@dataclass
+class BuiltModel:
+    """The model, where its head sits (``fc``, ``head.fc``...), and how its weights were loaded."""
+
+    model: nn.Module
+    head_name: str
+    load_report: LoadReport | None
+
+
+def check_backbone_name(backbone: str) -> None:
+    """Fail with close names suggested when neither timm nor torchvision knows ``backbone``."""
+    if backbone.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        known = torchvision.models.list_models()
+        name = backbone.removeprefix(TORCHVISION_PREFIX)
+    else:
+        import timm
+
+        known, name = timm.list_models(), backbone
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise UserError(f"model.backbone: unknown model {backbone!r}{hint}")
+
+
+def build_model(
+    *,
+    backbone: str,
+    num_classes: int,
+    pretrained: bool | str | Path = False,
+    head: HeadConfig | None = None,
+    load: LoadConfig | None = None,
+) -> BuiltModel:
+    """Create ``backbone``, replace its classifier by ``head`` and load ``pretrained`` weights.
+
+    Args:
+        backbone: a timm model name, or ``torchvision:<name>``.
+        num_classes: outputs of the new head.
+        pretrained: ``True`` for the published weights (downloaded once, then cached), ``False``
+            for random init, or a path to a weights file or run folder, loaded with ``load`` rules.
+        head: the new classifier; a linear layer by default.
+        load: partial-loading rules for a weights file (``finetune.weights.load_partial``).
+    """
+    head, load = head or HeadConfig(), load or LoadConfig()
+    check_backbone_name(backbone)
+    if backbone.startswith(TORCHVISION_PREFIX):
+        model = _torchvision_model(backbone.removeprefix(TORCHVISION_PREFIX), pretrained is True)
+    else:
+        model = _timm_model(backbone, pretrained is True)
+    head_name = _classifier_name(model)
+    old_head = model.get_submodule(head_name)
+    new_head = build_head(head.type, in_features=old_head.in_features, num_classes=num_classes,
+                          init=head.init, dropout=head.dropout)
+    model.set_submodule(head_name, new_head)
+    report = None
+    if isinstance(pretrained, (str, Path)):
+        report = load_partial(model, pretrained, **load.model_dump(), new_head=[f"{head_name}.*"])
+    return BuiltModel(model, head_name, report)
+
+
+def _timm_model(name: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    if pretrained:
+        _use_cache_only_when_offline()
+    try:
+        return timm.create_model(name, pretrained=pretrained)
+    except (OSError, RuntimeError) as error:  # hub errors derive from OSError
+        if not pretrained:
+            raise
+        raise _offline_error(name, error) from None
+
+
+def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    except (URLError, OSError) as error:
+        raise _offline_error(f"{TORCHVISION_PREFIX}{name}", error) from None
+
+
+def _use_cache_only_when_offline() -> None:
+    """Without a network, make the hub read its cache instead of retrying for a minute."""
+    import huggingface_hub.constants
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _offline_error(name: str, error: Exception) -> UserError:
+    return UserError(
+        f"model.pretrained: could not get the pretrained weights of {name} (no network, and not "
+        f"in the local cache: {type(error).__name__}). Download the weights on a machine with "
+        "internet access (e.g. the model's .safetensors file from its Hugging Face page), copy it "
+        "here and set `model.pretrained: path/to/model.safetensors` in the recipe."
+    )
+
+
+def _classifier_name(model: nn.Module) -> str:
+    """The dotted name of the final classifier layer of a timm or torchvision model."""
+    name = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if isinstance(name, (list, tuple)):  # a few timm models have two heads (e.g. distilled)
+        name = name[0]
+    if name:
+        return name
+    linear_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linear_layers:
+        raise UserError("model.backbone: found no linear classifier layer to replace")
+    return linear_layers[-1]

@@ -1,0 +1,222 @@
+"""From a validated recipe to a finished run: build everything, train with the shared loop, report.
+
+``run(recipe)`` is what ``finetune run`` calls. Every object is built, and every input checked,
+before the run folder is created, so a bad recipe or a bad dataset leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from finetune.checkpoint import RunFolder, link_latest, new_run_dir, restore_rng_state, write_json
+from finetune.data import (Datasets, build_datasets, build_loader, normalization,
+                           resolve_num_workers)
+from finetune.errors import UserError
+from finetune.freeze import FreezeReport, freeze
+from finetune.loop import LoopState, fit
+from finetune.model import TORCHVISION_PREFIX, BuiltModel, build_model, check_backbone_name
+from finetune.optim import build_optimizer, param_groups
+from finetune.progress import EpochProgress
+from finetune.recipe import Recipe
+from finetune.runtime import Runtime
+from finetune.schedule import build_scheduler
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built from a recipe, before any training or file writing."""
+
+    recipe: Recipe
+    runtime: Runtime
+    datasets: Datasets
+    built: BuiltModel
+    freeze_report: FreezeReport
+    groups: list[dict[str, Any]]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pretrained_config(backbone: str) -> dict[str, Any]:
+    """The mean/std the backbone was pretrained with (timm's config; ImageNet for torchvision)."""
+    if backbone.startswith(TORCHVISION_PREFIX):
+        return {}
+    import timm
+
+    cfg = timm.get_pretrained_cfg(backbone)
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Check the backbone name, build the datasets, the model, freezing and parameter groups."""
+    check_backbone_name(recipe.model.backbone)
+    seed_everything(recipe.seed)
+    runtime = Runtime.create(device=recipe.train.device, precision=recipe.train.precision,
+                             channels_last=recipe.train.channels_last)
+    mean, std = normalization(recipe.data, pretrained_config(recipe.model.backbone))
+    datasets = build_datasets(recipe.data, mean=mean, std=std, seed=recipe.seed)
+    num_classes = recipe.model.num_classes or len(datasets.classes)
+    if num_classes != len(datasets.classes):
+        raise UserError(f"model.num_classes is {num_classes} but the training data has "
+                        f"{len(datasets.classes)} classes: {datasets.classes}")
+    built = build_model(**{**dict(recipe.model), "num_classes": num_classes})
+    freeze_report = freeze(built.model, **dict(recipe.freeze))
+    opt = recipe.optimizer
+    groups = param_groups(built.model, lr=opt.lr, weight_decay=opt.weight_decay,
+                          rules=opt.param_groups, no_decay=opt.no_decay)
+    return Prepared(recipe, runtime, datasets, built, freeze_report, groups)
+
+
+def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path | None = None,
+        console: Console | None = None) -> RunResult:
+    """Train ``recipe`` with the shared loop and return the run folder and its summary.
+
+    Args:
+        run_dir: where to write the run; by default ``<output.dir>/<name>/<timestamp>``.
+        resume: a run folder to continue from its ``last/`` checkpoint (``run_dir`` is ignored).
+    """
+    console = console or Console()
+    prepared = prepare(recipe)
+    runtime, datasets, model = prepared.runtime, prepared.datasets, prepared.built.model
+    model = runtime.prepare(model)
+    num_workers = resolve_num_workers(recipe.data.num_workers)
+    generator = torch.Generator()
+    train_loader = build_loader(datasets.train, batch_size=recipe.data.batch_size, train=True,
+                                num_workers=num_workers, pin_memory=runtime.pin_memory,
+                                generator=generator)
+    val_loader = build_loader(datasets.val,
+                              batch_size=recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
+                              train=False, num_workers=num_workers, pin_memory=runtime.pin_memory)
+    opt = recipe.optimizer
+    optimizer = build_optimizer(prepared.groups, **opt.model_dump(exclude={"param_groups",
+                                                                             "no_decay"}))
+    steps_per_epoch = -(-len(train_loader) // recipe.train.grad_accum_steps)
+    scheduler = build_scheduler(optimizer, epochs=recipe.train.epochs,
+                                steps_per_epoch=steps_per_epoch, **dict(recipe.scheduler))
+
+    folder = RunFolder(Path(resume) if resume else Path(run_dir) if run_dir
+                       else new_run_dir(recipe.output.dir, recipe.name))
+    state = LoopState()
+    if resume:
+        state = _restore(folder, model, optimizer, scheduler, runtime)
+    if runtime.is_main:
+        _start_folder(folder, prepared, link=not resume and run_dir is None)
+        console.print(f"run folder: {folder.path}  ({len(datasets.train)} train / "
+                      f"{len(datasets.val)} val images, {len(datasets.classes)} classes, "
+                      f"device {runtime.device}, {runtime.precision})", highlight=False)
+    progress = EpochProgress(enabled=runtime.is_main, console=console)
+    try:
+        fit(model, train_loader, val_loader, optimizer, scheduler, runtime,
+            epochs=recipe.train.epochs, num_classes=len(datasets.classes), state=state,
+            run=folder if runtime.is_main else None, progress=progress,
+            shuffle_generator=generator, seed=recipe.seed,
+            grad_accum_steps=recipe.train.grad_accum_steps,
+            clip_grad_norm=recipe.train.clip_grad_norm,
+            label_smoothing=recipe.train.label_smoothing,
+            scheduler_interval=recipe.scheduler.interval, save_best=recipe.output.save_best)
+    finally:
+        summary = _summary(folder, state, recipe, completed=state.epoch == recipe.train.epochs)
+        if runtime.is_main and folder.path.exists():
+            folder.write_summary(summary)
+            _plot_curves(folder)
+    return RunResult(folder.path, summary)
+
+
+def resolve_resume(resume: str, recipe: Recipe, run_dir: Path | None, overrides: list[str]
+                   ) -> tuple[Path, Recipe]:
+    """The run folder to resume and its saved recipe with this command's ``--set`` applied.
+
+    ``resume`` is a run folder, or ``latest``: ``--run-dir`` if given, else the recipe's latest run.
+    """
+    if resume == "latest":
+        folder = run_dir or recipe.output.dir / recipe.name / "latest"
+    else:
+        folder = Path(resume)
+    folder = folder.resolve()
+    if not (folder / "recipe.yaml").is_file():
+        raise UserError(f"--resume: {folder} is not a run folder (no recipe.yaml)")
+    if not (folder / "last").is_dir():
+        raise UserError(f"--resume: {folder} has no last/ checkpoint to resume from")
+    return folder, Recipe.load(folder / "recipe.yaml", overrides)
+
+
+def _start_folder(folder: RunFolder, prepared: Prepared, link: bool) -> None:
+    folder.create()
+    folder.write_recipe(prepared.recipe.to_yaml())
+    folder.write_classes(prepared.datasets.classes)
+    if prepared.built.load_report is not None:
+        write_json(folder.path / "load_report.json", prepared.built.load_report.to_dict())
+    if link:
+        link_latest(folder.path)
+
+
+def _restore(folder: RunFolder, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any, runtime: Runtime) -> LoopState:
+    tensors, saved = folder.load_checkpoint("last")
+    model.load_state_dict(tensors)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    runtime.scaler.load_state_dict(saved["scaler"])
+    restore_rng_state(saved["rng"])
+    history = [row for row in folder.read_metrics() if row["epoch"] <= saved["epoch"]]
+    return LoopState(epoch=saved["epoch"], best_epoch=saved["best_epoch"],
+                     best_value=saved["best_value"], train_seconds=saved["train_seconds"],
+                     history=history)
+
+
+def _summary(folder: RunFolder, state: LoopState, recipe: Recipe, completed: bool
+             ) -> dict[str, Any]:
+    metric = recipe.output.save_best
+    return {
+        "status": "completed" if completed else "interrupted",
+        "best": {"epoch": state.best_epoch, metric: state.best_value},
+        "final": state.history[-1] if state.history else {},
+        "epochs": state.epoch,
+        "train_seconds": round(state.train_seconds, 3),
+        "run_dir": str(folder.path),
+    }
+
+
+def _plot_curves(folder: RunFolder) -> None:
+    """``plots/curves.png``: loss, accuracy and learning rate per epoch."""
+    rows = folder.read_metrics()
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key in ("train/loss", "val/loss"):
+        axes[0].plot(epochs, [row[key] for row in rows], marker="o", label=key)
+    for key in ("train/top1", "val/top1", "val/top5"):
+        if key in rows[0]:
+            axes[1].plot(epochs, [row[key] for row in rows], marker="o", label=key)
+    for key in (k for k in rows[0] if k.startswith("lr/")):
+        axes[2].plot(epochs, [row[key] for row in rows], marker="o", label=key)
+    for axis, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    (folder.path / "plots").mkdir(exist_ok=True)
+    fig.savefig(folder.path / "plots" / "curves.png", dpi=90)
+    plt.close(fig)
