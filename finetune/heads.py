@@ -31,13 +31,17 @@ def list_heads() -> list[str]:
     return sorted(HEADS)
 
 
-@register_head("linear")
-class LinearHead(nn.Sequential):
-    """Dropout (when asked) then one linear layer."""
+def linear_head(in_features: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """One linear layer, after dropout when asked.
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0) -> None:
-        layers = [nn.Dropout(dropout)] if dropout > 0 else []
-        super().__init__(*layers, nn.Linear(in_features, num_classes))
+    Without dropout it is a bare ``nn.Linear``, so the weights keep timm's and torchvision's key
+    names (``fc.weight``) and load into those libraries' models unchanged.
+    """
+    linear = nn.Linear(in_features, num_classes)
+    return nn.Sequential(nn.Dropout(dropout), linear) if dropout > 0 else linear
+
+
+HEADS["linear"] = linear_head
 
 
 INITIALIZERS: dict[str, Callable[[nn.Parameter], object]] = {

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny image folders, tiny recipes and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_image_folder(root: Path, classes: list[str], per_class: int, size: int = 20,
+                      seed: int = 0) -> Path:
+    """Class folders of PNG and JPEG images whose colour depends on the class (learnable)."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((size, size, 3), dtype=np.float32)
+            base[..., index % 3] = 200
+            pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+            suffix = "png" if i % 2 == 0 else "jpg"
+            Image.fromarray(pixels).save(folder / f"img{i}.{suffix}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images", ["cat", "dog", "fox"], per_class=6)
+
+
+def tiny_recipe(**sections) -> dict:
+    """A recipe for a tiny timm model on random images that trains in about a second."""
+    recipe = {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"backbone": "test_resnet", "num_classes": 3},
+        "data": {"train": {"type": "fake", "num_samples": 24, "num_classes": 3},
+                 "val": {"type": "fake", "num_samples": 12, "num_classes": 3, "seed": 1},
+                 "image_size": 32, "batch_size": 8, "num_workers": 0},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "train": {"epochs": 2, "device": "cpu"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """``python -m finetune ARGS`` in a subprocess, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env)

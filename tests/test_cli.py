@@ -1,0 +1,200 @@
+"""The real ``finetune`` command in subprocesses: runs, run folders, resume, exit codes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from finetune.cli import app; import typer.testing as t; "
+            "r = t.CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_validate_ok(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
+    result = run_cli("validate", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"optimizer": {"lr": 0.1, "momentun": 0.9}}, "did you mean 'momentum'"),
+    ({"train": {"epochs": "three"}}, "train.epochs:"),
+    ({"data": {"train": {"type": "imagefolder", "root": "/no/such/folder"}}}, "data.train.root"),
+    ({"colour": 1}, "colour: unknown key"),
+])
+def test_bad_recipe_exits_2_without_traceback_or_run_folder(tmp_path, change, expected):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**change))
+    for command in ("validate", "run"):
+        result = run_cli(command, str(path), "--set", f"output.dir={tmp_path / 'out'}")
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_backbone_suggests_timm_names(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(model={"backbone": "resnet_50"}))
+    result = run_cli("run", str(path), "--set", f"output.dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert "unknown model 'resnet_50'" in result.stderr and "resnet50" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_writes_the_whole_run_folder(tmp_path, image_folder):
+    recipe = tiny_recipe(data={"train": {"type": "imagefolder", "root": str(image_folder)},
+                               "val": None, "val_split": 0.34})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_dir = tmp_path / "run"
+    result = run_cli("run", str(path), "--set", "train.epochs=1", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(run_dir)
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "classes.json",
+                 "last/model.safetensors", "last/state.pt", "best/model.safetensors",
+                 "best/state.pt", "plots/curves.png"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["epoch"] == 1 and 0 <= summary["best"]["val/top1"] <= 1
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1]
+    assert {"train/loss", "val/loss", "val/top1", "lr", "seconds", "img_per_s"} <= set(rows[0])
+    assert json.loads((run_dir / "classes.json").read_text()) == {"0": "cat", "1": "dog",
+                                                                  "2": "fox"}
+    resolved = (run_dir / "recipe.yaml").read_text()
+    assert "epochs: 1" in resolved and "grad_accum_steps: 1" in resolved  # defaults written
+    state = torch.load(run_dir / "last" / "state.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "epoch", "rng"} <= set(state)
+
+
+def test_default_run_folder_and_latest_link(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(train={"epochs": 1, "device": "cpu"}))
+    result = run_cli("run", str(path), "--set", f"output.dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "out" / "tiny"
+    assert (tmp_path / "out" / "tiny" / "latest").resolve() == run_dir.resolve()
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "last" / "model.safetensors")
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    recipe = tiny_recipe(data={"train": {"type": "fake", "num_samples": 256, "num_classes": 3},
+                               "augment": ["hflip", {"random_crop": 4}]},
+                         model={"backbone": "test_resnet", "num_classes": 3,
+                                "head": {"dropout": 0.3}},
+                         train={"epochs": 3, "device": "cpu"},
+                         scheduler={"name": "cosine", "warmup_epochs": 1})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    straight = tmp_path / "straight"
+    assert run_cli("run", str(path), "--run-dir", str(straight)).returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(path),
+                                "--run-dir", str(interrupted)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    done = len(metrics.read_text().splitlines())
+    assert 1 <= done < 3, "the run finished before it could be interrupted"
+
+    resumed = run_cli("run", str(path), "--resume", str(interrupted))
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip().splitlines()[-1] == str(interrupted.resolve())
+    expected, actual = _weights(straight), _weights(interrupted)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    straight_rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text()
+                     .splitlines()]
+    assert [row["lr"] for row in rows] == pytest.approx([row["lr"] for row in straight_rows])
+
+
+def test_resume_of_a_folder_without_checkpoint_exits_2(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
+    result = run_cli("run", str(path), "--resume", str(tmp_path))
+    assert result.returncode == 2
+    assert "not a run folder" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A run trained on a small image folder, shared by the eval and predict tests."""
+    from tests.conftest import make_image_folder
+
+    tmp = tmp_path_factory.mktemp("trained")
+    images = make_image_folder(tmp / "images", ["cat", "dog", "fox"], per_class=8)
+    recipe = tiny_recipe(data={"train": {"type": "imagefolder", "root": str(images)},
+                               "val": {"type": "imagefolder", "root": str(images)}},
+                         train={"epochs": 3, "device": "cpu"})
+    path = write_recipe(tmp / "r.yaml", recipe)
+    result = run_cli("run", str(path), "--run-dir", str(tmp / "run"))
+    assert result.returncode == 0, result.stderr
+    return tmp / "run", images
+
+
+def test_eval_reports_metrics_per_class(trained_run):
+    run_dir, images = trained_run
+    result = run_cli("eval", str(run_dir), str(images), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 24
+    assert set(report["per_class"]) == {"cat", "dog", "fox"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # The same images were the validation set: eval must reproduce the run's own number.
+    best_row = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
+                    .splitlines() if json.loads(line)["epoch"] == summary["best"]["epoch"])
+    assert report["top1"] == pytest.approx(best_row["val/top1"])
+    assert report["loss"] == pytest.approx(best_row["val/loss"], rel=1e-4)
+
+
+def test_eval_on_a_folder_with_unknown_classes_exits_2(trained_run, tmp_path):
+    from tests.conftest import make_image_folder
+
+    run_dir, _ = trained_run
+    other = make_image_folder(tmp_path / "other", ["cat", "wolf"], per_class=2)
+    result = run_cli("eval", str(run_dir), str(other))
+    assert result.returncode == 2
+    assert "wolf" in result.stderr
+
+
+def test_predict_gives_top_k(trained_run):
+    run_dir, images = trained_run
+    files = sorted((images / "dog").iterdir())[:2]
+    result = run_cli("predict", str(run_dir), *map(str, files), "--top-k", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(result.stdout)
+    assert [p["image"] for p in predictions] == [str(f) for f in files]
+    for item in predictions:
+        assert len(item["top_k"]) == 2
+        probabilities = [p["probability"] for p in item["top_k"]]
+        assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_predict_missing_image_exits_2(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    result = run_cli("predict", str(run_dir), str(tmp_path / "missing.png"))
+    assert result.returncode == 2
+    assert "missing.png" in result.stderr
