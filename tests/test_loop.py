@@ -1,0 +1,123 @@
+"""The shared loop against a bare PyTorch loop, and its evaluation against a direct computation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from finetune.data import build_loader
+from finetune.loop import LoopState, evaluate, fit
+from finetune.progress import EpochProgress
+from finetune.runtime import Runtime
+from finetune.schedule import build_scheduler
+
+
+def _data(n: int = 32, classes: int = 3) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 32, 32, generator=generator)
+    return TensorDataset(images, torch.randint(0, classes, (n,), generator=generator))
+
+
+def _bare_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None):
+    """The textbook loop: what ours must be equivalent to."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         drop_last=True, generator=generator)
+    for epoch in range(1, epochs + 1):
+        generator.manual_seed(seed + epoch)
+        model.train()
+        for index, (images, labels) in enumerate(loader):
+            loss = F.cross_entropy(model(images), labels) / accum
+            loss.backward()
+            if (index + 1) % accum == 0:
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+                optimizer.zero_grad()
+    return model
+
+
+def _our_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None):
+    runtime = Runtime.create(device="cpu", precision="fp32", channels_last=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    generator = torch.Generator()
+    loader = build_loader(dataset, batch_size=batch_size, train=True, num_workers=0,
+                          pin_memory=False, generator=generator)
+    scheduler = build_scheduler(optimizer, name="none", epochs=epochs,
+                                steps_per_epoch=len(loader) // accum)
+    fit(model, loader, build_loader(dataset, batch_size=64, train=False, num_workers=0,
+                                    pin_memory=False),
+        optimizer, scheduler, runtime, epochs=epochs, num_classes=3, state=LoopState(),
+        run=None, progress=EpochProgress(enabled=False), shuffle_generator=generator, seed=seed,
+        grad_accum_steps=accum, clip_grad_norm=clip)
+    return model
+
+
+@pytest.mark.parametrize("accum, clip", [(1, None), (2, None), (1, 0.5)])
+def test_loop_matches_a_bare_pytorch_loop(accum, clip):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    bare = _bare_loop(copy.deepcopy(model), _data(), lr=0.05, batch_size=8, accum=accum, seed=3,
+                      epochs=2, clip=clip)
+    ours = _our_loop(copy.deepcopy(model), _data(), lr=0.05, batch_size=8, accum=accum, seed=3,
+                     epochs=2, clip=clip)
+    for (name, expected), actual in zip(bare.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(actual, expected, msg=name)
+
+
+def test_accumulation_equals_a_larger_batch():
+    """Without BatchNorm, 2 x 8 accumulated equals one batch of 16."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=3, img_size=32)
+    big = _bare_loop(copy.deepcopy(model), _data(), lr=0.01, batch_size=16, accum=1, seed=1,
+                     epochs=1)
+    # The same batches of 16, each fed as two halves of 8 with the loss halved.
+    accumulated = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(accumulated.parameters(), lr=0.01, momentum=0.9)
+    generator = torch.Generator().manual_seed(2)
+    loader = torch.utils.data.DataLoader(_data(), batch_size=16, shuffle=True, drop_last=True,
+                                         generator=generator)
+    for images, labels in loader:
+        for half in (slice(0, 8), slice(8, 16)):
+            (F.cross_entropy(accumulated(images[half]), labels[half]) / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for expected, actual in zip(big.state_dict().values(), accumulated.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=6).eval()
+    data = _data(n=20, classes=6)
+    runtime = Runtime.create(device="cpu", precision="fp32", channels_last=False)
+    loader = build_loader(data, batch_size=7, train=False, num_workers=0, pin_memory=False)
+    metrics = evaluate(model, loader, runtime, num_classes=6, per_class=True)
+    with torch.no_grad():
+        logits = model(data.tensors[0])
+    labels = data.tensors[1]
+    assert metrics["val/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert metrics["val/top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    assert metrics["val/top5"] == pytest.approx(top5)
+    assert sum(metrics["per_class_images"]) == 20
+
+
+def test_no_top5_below_five_classes():
+    model = timm.create_model("test_resnet", num_classes=3).eval()
+    runtime = Runtime.create(device="cpu", precision="fp32", channels_last=False)
+    loader = build_loader(_data(n=8), batch_size=8, train=False, num_workers=0, pin_memory=False)
+    assert "val/top5" not in evaluate(model, loader, runtime, num_classes=3)
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=3, img_size=32)
+    with pytest.raises(FloatingPointError, match="lower optimizer.lr"):
+        _our_loop(model, _data(), lr=1e12, batch_size=8, accum=1, seed=0, epochs=1)
