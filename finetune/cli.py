@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,12 +94,19 @@ def run(
     resume: Annotated[Optional[str], typer.Option(
         help="Continue a run from its last/ checkpoint: a run folder, or with no value the "
              "recipe's latest run.", flag_value="latest", is_flag=False)] = None,
+    nproc: Annotated[int, typer.Option(
+        min=1, help="Train with N processes (one per GPU) under torchrun, with DDP.")] = 1,
 ) -> None:
     """Validate, build, train, evaluate and checkpoint. The last line printed is the run folder."""
+    loaded = _load_recipe(recipe, set_)
+    if nproc > 1:
+        from finetune.distributed import is_torchrun_child, launch_torchrun
+
+        if not is_torchrun_child():
+            raise typer.Exit(launch_torchrun(nproc, _argv_without_nproc(sys.argv[1:])))
     from finetune.training import resolve_resume
     from finetune.training import run as run_training
 
-    loaded = _load_recipe(recipe, set_)
     resume_dir = None
     if resume is not None:
         resume_dir, loaded = resolve_resume(resume, loaded, run_dir, set_ or [])
@@ -108,11 +116,25 @@ def run(
         errors.print("interrupted: the last completed epoch is in last/; continue with "
                      f"`finetune run {recipe} --resume <run folder>`", markup=False)
         raise
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     best = result.summary["best"]
     metric = loaded.output.save_best
     if best["epoch"] is not None:
         console.print(f"best {metric} {best[metric]:.4f} at epoch {best['epoch']}")
     console.print(str(result.run_dir), markup=False)
+
+
+def _argv_without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
 
 @app.command("eval")

@@ -211,8 +211,8 @@ def resolve_num_workers(num_workers: int | str) -> int:
 def build_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int,
                  pin_memory: bool, generator: torch.Generator | None = None,
                  sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
-    """A loader; for training it shuffles with ``generator`` (reseed it each epoch) and drops
-    the last incomplete batch so every optimizer step sees the same batch size."""
+    """A loader. For training without a ``sampler`` it shuffles with ``generator``; it drops the
+    last incomplete batch so every optimizer step sees the same batch size."""
     return DataLoader(
         dataset,
         batch_size=batch_size,

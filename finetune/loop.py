@@ -78,11 +78,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     start = time.perf_counter()
     for index, (images, labels) in enumerate(loader):
         images, labels = runtime.to_device(images, labels)
-        with runtime.autocast():
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        runtime.backward(loss / grad_accum_steps)
-        if (index + 1) % grad_accum_steps == 0 or index + 1 == len(loader):
+        boundary = (index + 1) % grad_accum_steps == 0 or index + 1 == len(loader)
+        with runtime.no_sync(model, accumulating=not boundary):
+            with runtime.autocast():
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            runtime.backward(loss / grad_accum_steps)
+        if boundary:
             runtime.step(optimizer, model, clip_grad_norm)
             if step_scheduler_per_batch:
                 scheduler.step()
@@ -91,8 +93,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         seen += len(labels)
         progress.update(loss_sum / seen, correct / seen, seen / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
+    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=runtime.device)
+    loss_sum, correct, seen = runtime.all_reduce_sum(totals).tolist()  # over all processes
     return {"train/loss": loss_sum / seen, "train/top1": correct / seen,
-            "img_per_s": seen * runtime.world_size / seconds, "seconds": seconds}
+            "img_per_s": seen / seconds, "seconds": seconds}
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
@@ -104,14 +108,13 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         optimizer: torch.optim.Optimizer, scheduler: Any, runtime: Runtime, *,
         epochs: int, num_classes: int, state: LoopState, run: RunFolder | None,
-        progress: EpochProgress, shuffle_generator: torch.Generator, seed: int,
-        grad_accum_steps: int = 1, clip_grad_norm: float | None = None,
+        progress: EpochProgress, grad_accum_steps: int = 1, clip_grad_norm: float | None = None,
         label_smoothing: float = 0.0, scheduler_interval: str = "step",
         save_best: str = "val/top1") -> LoopState:
     """Train from epoch ``state.epoch + 1`` to ``epochs``, checkpointing after every epoch."""
     for epoch in range(state.epoch + 1, epochs + 1):
-        # The same seed per epoch gives the same order whether or not the run was resumed.
-        shuffle_generator.manual_seed(seed + epoch)
+        # A permutation seeded per epoch: the same order whether or not the run was resumed.
+        train_loader.sampler.set_epoch(epoch)
         progress.start_epoch(epoch, epochs, len(train_loader))
         train_metrics = train_one_epoch(
             model, train_loader, optimizer, scheduler, runtime, progress,
@@ -131,9 +134,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         state.history.append(row)
         if run is not None:
             checkpoint = checkpoint_state(optimizer, scheduler, runtime, state)
-            run.save_checkpoint("last", model, checkpoint)
+            run.save_checkpoint("last", runtime.unwrap(model), checkpoint)
             if improved:
-                run.save_checkpoint("best", model, checkpoint)
+                run.save_checkpoint("best", runtime.unwrap(model), checkpoint)
             run.append_metrics(row)
         progress.end_epoch(row)
         if not math.isfinite(row["train/loss"]):

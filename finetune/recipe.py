@@ -255,6 +255,7 @@ class TrainConfig(Section):
     clip_grad_norm: PositiveFloat | None = None
     channels_last: bool | Literal["auto"] = "auto"
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    sync_batchnorm: bool = False
 
     @field_validator("device")
     @classmethod

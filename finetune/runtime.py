@@ -63,12 +63,21 @@ class Runtime:
     @classmethod
     def create(cls, *, device: str = "auto", precision: str = "auto",
                channels_last: bool | str = "auto") -> Runtime:
+        """Resolve ``auto`` choices; under torchrun (``WORLD_SIZE`` > 1), join the process group
+        and take the GPU of this process's ``LOCAL_RANK``."""
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         resolved = resolve_device(device)
+        if world_size > 1:
+            from finetune.distributed import init_process_group
+
+            if resolved.type == "cuda":
+                resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(resolved)
+            init_process_group(resolved)
         if channels_last == "auto":
             channels_last = resolved.type == "cuda"  # faster convolutions with tensor cores
         return cls(device=resolved, precision=resolve_precision(precision, resolved),
-                   channels_last=bool(channels_last), rank=int(os.environ.get("RANK", 0)),
-                   world_size=int(os.environ.get("WORLD_SIZE", 1)))
+                   channels_last=bool(channels_last), rank=rank, world_size=world_size)
 
     @property
     def is_main(self) -> bool:
@@ -79,9 +88,49 @@ class Runtime:
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def prepare(self, model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
+        """Move the model to the device; with several processes, wrap it in DDP."""
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        return model.to(self.device, memory_format=memory_format)
+        model = model.to(self.device, memory_format=memory_format)
+        if not self.distributed:
+            return model
+        if sync_batchnorm:
+            if self.device.type != "cuda":
+                raise UserError("train.sync_batchnorm: SyncBatchNorm needs CUDA devices")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """The user's model inside DDP (its state_dict keys carry no ``module.`` prefix)."""
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def no_sync(self, model: nn.Module, accumulating: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on accumulation steps that do not step the optimizer."""
+        if accumulating and isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's ``value`` on every process (e.g. the run folder, named from a timestamp)."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def shutdown(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from torch.utils.data import DataLoader
 
 from finetune.checkpoint import RunFolder, link_latest, new_run_dir, restore_rng_state, write_json
 from finetune.data import (Datasets, build_datasets, build_loader, normalization,
                            resolve_num_workers)
+from finetune.distributed import ShardSampler, ShuffleShardSampler
 from finetune.errors import UserError
 from finetune.freeze import FreezeReport, freeze
 from finetune.loop import LoopState, fit
@@ -94,15 +96,10 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
     console = console or Console()
     prepared = prepare(recipe)
     runtime, datasets, model = prepared.runtime, prepared.datasets, prepared.built.model
-    model = runtime.prepare(model)
-    num_workers = resolve_num_workers(recipe.data.num_workers)
-    generator = torch.Generator()
-    train_loader = build_loader(datasets.train, batch_size=recipe.data.batch_size, train=True,
-                                num_workers=num_workers, pin_memory=runtime.pin_memory,
-                                generator=generator)
-    val_loader = build_loader(datasets.val,
-                              batch_size=recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
-                              train=False, num_workers=num_workers, pin_memory=runtime.pin_memory)
+    # Frozen BatchNorm layers never compute batch statistics: there is nothing to synchronise.
+    sync_bn = recipe.train.sync_batchnorm and recipe.freeze.batchnorm != "frozen"
+    model = runtime.prepare(model, sync_batchnorm=sync_bn)
+    train_loader, val_loader = build_loaders(prepared)
     opt = recipe.optimizer
     optimizer = build_optimizer(prepared.groups, **opt.model_dump(exclude={"param_groups",
                                                                              "no_decay"}))
@@ -110,32 +107,59 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
     scheduler = build_scheduler(optimizer, epochs=recipe.train.epochs,
                                 steps_per_epoch=steps_per_epoch, **dict(recipe.scheduler))
 
-    folder = RunFolder(Path(resume) if resume else Path(run_dir) if run_dir
-                       else new_run_dir(recipe.output.dir, recipe.name))
+    # Every process must write to (and resume from) the folder rank 0 names.
+    folder = RunFolder(runtime.broadcast(Path(resume) if resume else Path(run_dir) if run_dir
+                                         else new_run_dir(recipe.output.dir, recipe.name)))
     state = LoopState()
     if resume:
-        state = _restore(folder, model, optimizer, scheduler, runtime)
+        runtime.barrier()
+        state = _restore(folder, runtime.unwrap(model), optimizer, scheduler, runtime)
     if runtime.is_main:
         _start_folder(folder, prepared, link=not resume and run_dir is None)
         console.print(f"run folder: {folder.path}  ({len(datasets.train)} train / "
                       f"{len(datasets.val)} val images, {len(datasets.classes)} classes, "
-                      f"device {runtime.device}, {runtime.precision})", highlight=False)
+                      f"device {runtime.device}, {runtime.precision}, {runtime.world_size} "
+                      f"process(es), effective batch {effective_batch_size(recipe, runtime)})",
+                      highlight=False)
     progress = EpochProgress(enabled=runtime.is_main, console=console)
     try:
         fit(model, train_loader, val_loader, optimizer, scheduler, runtime,
             epochs=recipe.train.epochs, num_classes=len(datasets.classes), state=state,
             run=folder if runtime.is_main else None, progress=progress,
-            shuffle_generator=generator, seed=recipe.seed,
             grad_accum_steps=recipe.train.grad_accum_steps,
             clip_grad_norm=recipe.train.clip_grad_norm,
             label_smoothing=recipe.train.label_smoothing,
             scheduler_interval=recipe.scheduler.interval, save_best=recipe.output.save_best)
     finally:
-        summary = _summary(folder, state, recipe, completed=state.epoch == recipe.train.epochs)
+        summary = _summary(folder, state, recipe, runtime,
+                           completed=state.epoch == recipe.train.epochs)
         if runtime.is_main and folder.path.exists():
             folder.write_summary(summary)
             _plot_curves(folder)
+    runtime.barrier()
     return RunResult(folder.path, summary)
+
+
+def effective_batch_size(recipe: Recipe, runtime: Runtime) -> int:
+    """Images per optimizer step: per-process batch x processes x accumulation steps."""
+    return recipe.data.batch_size * runtime.world_size * recipe.train.grad_accum_steps
+
+
+def build_loaders(prepared: Prepared) -> tuple[DataLoader, DataLoader]:
+    """Training loader (shuffled per epoch, sharded over processes) and evaluation loader."""
+    recipe, runtime, datasets = prepared.recipe, prepared.runtime, prepared.datasets
+    num_workers = resolve_num_workers(recipe.data.num_workers)
+    shards = {"rank": runtime.rank, "world_size": runtime.world_size}
+    train_sampler = ShuffleShardSampler(len(datasets.train), seed=recipe.seed,
+                                        batch_size=recipe.data.batch_size, **shards)
+    train_loader = build_loader(datasets.train, batch_size=recipe.data.batch_size, train=True,
+                                num_workers=num_workers, pin_memory=runtime.pin_memory,
+                                sampler=train_sampler)
+    val_loader = build_loader(datasets.val,
+                              batch_size=recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
+                              train=False, num_workers=num_workers, pin_memory=runtime.pin_memory,
+                              sampler=ShardSampler(len(datasets.val), **shards))
+    return train_loader, val_loader
 
 
 def resolve_resume(resume: str, recipe: Recipe, run_dir: Path | None, overrides: list[str]
@@ -180,11 +204,13 @@ def _restore(folder: RunFolder, model: torch.nn.Module, optimizer: torch.optim.O
                      history=history)
 
 
-def _summary(folder: RunFolder, state: LoopState, recipe: Recipe, completed: bool
-             ) -> dict[str, Any]:
+def _summary(folder: RunFolder, state: LoopState, recipe: Recipe, runtime: Runtime,
+             completed: bool) -> dict[str, Any]:
     metric = recipe.output.save_best
     return {
         "status": "completed" if completed else "interrupted",
+        "processes": runtime.world_size,
+        "effective_batch_size": effective_batch_size(recipe, runtime),
         "best": {"epoch": state.best_epoch, metric: state.best_value},
         "final": state.history[-1] if state.history else {},
         "epochs": state.epoch,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from finetune.data import build_loader
+from finetune.distributed import ShuffleShardSampler
 from finetune.loop import LoopState, evaluate, fit
 from finetune.progress import EpochProgress
 from finetune.runtime import Runtime
@@ -26,13 +27,13 @@ def _data(n: int = 32, classes: int = 3) -> TensorDataset:
 def _bare_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None):
     """The textbook loop: what ours must be equivalent to."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    generator = torch.Generator()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         drop_last=True, generator=generator)
+    images_all, labels_all = dataset.tensors
     for epoch in range(1, epochs + 1):
-        generator.manual_seed(seed + epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+        batches = order[: len(order) - len(order) % batch_size].split(batch_size)
         model.train()
-        for index, (images, labels) in enumerate(loader):
+        for index, batch in enumerate(batches):
+            images, labels = images_all[batch], labels_all[batch]
             loss = F.cross_entropy(model(images), labels) / accum
             loss.backward()
             if (index + 1) % accum == 0:
@@ -46,16 +47,15 @@ def _bare_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None
 def _our_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None):
     runtime = Runtime.create(device="cpu", precision="fp32", channels_last=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    generator = torch.Generator()
+    sampler = ShuffleShardSampler(len(dataset), seed=seed, batch_size=batch_size)
     loader = build_loader(dataset, batch_size=batch_size, train=True, num_workers=0,
-                          pin_memory=False, generator=generator)
+                          pin_memory=False, sampler=sampler)
     scheduler = build_scheduler(optimizer, name="none", epochs=epochs,
                                 steps_per_epoch=len(loader) // accum)
     fit(model, loader, build_loader(dataset, batch_size=64, train=False, num_workers=0,
                                     pin_memory=False),
         optimizer, scheduler, runtime, epochs=epochs, num_classes=3, state=LoopState(),
-        run=None, progress=EpochProgress(enabled=False), shuffle_generator=generator, seed=seed,
-        grad_accum_steps=accum, clip_grad_norm=clip)
+        run=None, progress=EpochProgress(enabled=False), grad_accum_steps=accum, clip_grad_norm=clip)
     return model
 
 
@@ -80,12 +80,11 @@ def test_accumulation_equals_a_larger_batch():
     # The same batches of 16, each fed as two halves of 8 with the loss halved.
     accumulated = copy.deepcopy(model)
     optimizer = torch.optim.SGD(accumulated.parameters(), lr=0.01, momentum=0.9)
-    generator = torch.Generator().manual_seed(2)
-    loader = torch.utils.data.DataLoader(_data(), batch_size=16, shuffle=True, drop_last=True,
-                                         generator=generator)
-    for images, labels in loader:
-        for half in (slice(0, 8), slice(8, 16)):
-            (F.cross_entropy(accumulated(images[half]), labels[half]) / 2).backward()
+    images_all, labels_all = _data().tensors
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(2))  # seed 1 + epoch 1
+    for batch in order.split(16):
+        for half in (batch[:8], batch[8:]):
+            (F.cross_entropy(accumulated(images_all[half]), labels_all[half]) / 2).backward()
         optimizer.step()
         optimizer.zero_grad()
     for expected, actual in zip(big.state_dict().values(), accumulated.state_dict().values()):

@@ -1,0 +1,88 @@
+"""A real 2-process job on CPU (gloo) through `finetune run --nproc 2`, against one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.distributed import ShardSampler, ShuffleShardSampler
+from tests.conftest import make_image_folder, run_cli, tiny_recipe, write_recipe
+
+
+def test_shards_of_a_global_batch_are_the_single_process_batch():
+    single = list(ShuffleShardSampler(30, seed=1, batch_size=8))
+    ranks = [list(ShuffleShardSampler(30, seed=1, batch_size=4, rank=r, world_size=2))
+             for r in range(2)]
+    assert len(single) == 24 and all(len(shard) == 12 for shard in ranks)
+    for step in range(3):
+        global_batch = ranks[0][4 * step: 4 * step + 4] + ranks[1][4 * step: 4 * step + 4]
+        assert sorted(global_batch) == sorted(single[8 * step: 8 * step + 8])
+
+
+def test_evaluation_shards_cover_every_image_once():
+    shards = [list(ShardSampler(11, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+
+
+def test_new_epoch_new_order_same_for_the_same_epoch():
+    sampler = ShuffleShardSampler(50, seed=0, batch_size=5)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    sampler.set_epoch(1)
+    assert list(sampler) == first
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    train = make_image_folder(tmp / "train", ["a", "b", "c"], per_class=8)
+    val = make_image_folder(tmp / "val", ["a", "b", "c"], per_class=3, seed=1)
+    recipe = tiny_recipe(
+        data={"train": {"type": "imagefolder", "root": str(train)},
+              "val": {"type": "imagefolder", "root": str(val)},
+              "batch_size": 4, "augment": []},
+        freeze={"batchnorm": "frozen"},  # batch statistics would differ between 4 and 8 images
+        scheduler={"name": "cosine", "warmup_epochs": 1},
+    )
+    path = write_recipe(tmp / "r.yaml", recipe)
+    out = tmp / "out"
+    ddp = run_cli("run", str(path), "--nproc", "2", "--set", f"output.dir={out}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run_cli("run", str(path), "--set", "data.batch_size=8",
+                     "--run-dir", str(tmp / "single"))
+    assert single.returncode == 0, single.stderr
+    return Path(ddp.stdout.strip().splitlines()[-1]), tmp / "single", out, val
+
+
+def test_one_run_folder_written_once(two_runs):
+    ddp_dir, _, out, _ = two_runs
+    assert sorted(p.name for p in (out / "tiny").iterdir()) == sorted(["latest", ddp_dir.name])
+    rows = (ddp_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [1, 2]
+    summary = json.loads((ddp_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["effective_batch_size"] == 8
+
+
+def test_weights_equal_a_single_process_run_with_the_same_effective_batch(two_runs):
+    ddp_dir, single_dir, _, _ = two_runs
+    ddp = load_file(ddp_dir / "last" / "model.safetensors")
+    single = load_file(single_dir / "last" / "model.safetensors")
+    assert ddp.keys() == single.keys()  # no "module." prefix from DDP
+    for key in ddp:
+        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_sharded_metrics_equal_a_single_process_evaluation(two_runs):
+    ddp_dir, _, _, val = two_runs
+    last_row = json.loads((ddp_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    result = run_cli("eval", str(ddp_dir / "last" / "model.safetensors"), str(val), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["top1"] == pytest.approx(last_row["val/top1"])
+    assert report["loss"] == pytest.approx(last_row["val/loss"], rel=1e-5)
