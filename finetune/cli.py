@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,7 +29,7 @@ _debug = False
 
 RecipeArg = Annotated[Path, typer.Argument(help="The YAML recipe.", show_default=False)]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a recipe key: --set optimizer.lr=3e-4 (repeatable)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
@@ -90,8 +90,8 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 def run(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="Write the run here.")] = None,
-    resume: Annotated[Optional[str], typer.Option(
+    run_dir: Annotated[Path | None, typer.Option(help="Write the run here.")] = None,
+    resume: Annotated[str | None, typer.Option(
         help="Continue a run from its last/ checkpoint: a run folder, or with no value the "
              "recipe's latest run.", flag_value="latest", is_flag=False)] = None,
     nproc: Annotated[int, typer.Option(

@@ -106,9 +106,9 @@ def predict_images(trained: TrainedModel, paths: list[Path], top_k: int = 5) -> 
     probabilities = logits.softmax(dim=1).cpu()
     k = min(top_k, len(trained.classes))
     results = []
-    for path, probs in zip(paths, probabilities):
+    for path, probs in zip(paths, probabilities, strict=True):
         values, indices = probs.topk(k)
         results.append({"image": str(path), "top_k": [
             {"class": trained.classes[i], "index": int(i), "probability": float(v)}
-            for v, i in zip(values.tolist(), indices.tolist())]})
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)]})
     return results

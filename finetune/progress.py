@@ -1,4 +1,4 @@
-"""What a run shows while it trains: a rich progress bar on a terminal, one line per epoch in logs."""
+"""What a run shows while training: a rich progress bar on a terminal, a line per epoch in logs."""
 
 from __future__ import annotations
 

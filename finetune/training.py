@@ -17,8 +17,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from finetune.checkpoint import RunFolder, link_latest, new_run_dir, restore_rng_state, write_json
-from finetune.data import (Datasets, build_datasets, build_loader, normalization,
-                           resolve_num_workers)
+from finetune.data import Datasets, build_datasets, build_loader, normalization, resolve_num_workers
 from finetune.distributed import ShardSampler, ShuffleShardSampler
 from finetune.errors import UserError
 from finetune.freeze import FreezeReport, freeze
@@ -238,7 +237,7 @@ def _plot_curves(folder: RunFolder) -> None:
             axes[1].plot(epochs, [row[key] for row in rows], marker="o", label=key)
     for key in (k for k in rows[0] if k.startswith("lr/")):
         axes[2].plot(epochs, [row[key] for row in rows], marker="o", label=key)
-    for axis, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
+    for axis, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)"), strict=True):
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.legend(fontsize=7)

@@ -55,7 +55,8 @@ def _our_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None)
     fit(model, loader, build_loader(dataset, batch_size=64, train=False, num_workers=0,
                                     pin_memory=False),
         optimizer, scheduler, runtime, epochs=epochs, num_classes=3, state=LoopState(),
-        run=None, progress=EpochProgress(enabled=False), grad_accum_steps=accum, clip_grad_norm=clip)
+        run=None, progress=EpochProgress(enabled=False), grad_accum_steps=accum,
+        clip_grad_norm=clip)
     return model
 
 
@@ -67,7 +68,8 @@ def test_loop_matches_a_bare_pytorch_loop(accum, clip):
                       epochs=2, clip=clip)
     ours = _our_loop(copy.deepcopy(model), _data(), lr=0.05, batch_size=8, accum=accum, seed=3,
                      epochs=2, clip=clip)
-    for (name, expected), actual in zip(bare.state_dict().items(), ours.state_dict().values()):
+    for (name, expected), actual in zip(bare.state_dict().items(), ours.state_dict().values(),
+                                          strict=True):
         torch.testing.assert_close(actual, expected, msg=name)
 
 
@@ -87,7 +89,8 @@ def test_accumulation_equals_a_larger_batch():
             (F.cross_entropy(accumulated(images_all[half]), labels_all[half]) / 2).backward()
         optimizer.step()
         optimizer.zero_grad()
-    for expected, actual in zip(big.state_dict().values(), accumulated.state_dict().values()):
+    for expected, actual in zip(big.state_dict().values(), accumulated.state_dict().values(),
+                                strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 

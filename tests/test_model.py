@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -64,8 +63,9 @@ def test_weights_from_a_file_are_loaded_and_reported(tmp_path):
 
 
 def test_pretrained_true_offline_fails_fast_naming_the_local_file_option(monkeypatch, tmp_path):
-    import huggingface_hub.constants
     import socket
+
+    import huggingface_hub.constants
 
     def no_network(*args, **kwargs):
         raise OSError("network unreachable")

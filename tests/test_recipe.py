@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from finetune.errors import UserError
 from finetune.recipe import Recipe, apply_overrides, recipe_keys
@@ -29,7 +30,7 @@ def test_defaults_fill_every_optional_key():
 
 def test_recipe_is_immutable():
     recipe = Recipe.from_dict(tiny_recipe())
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         recipe.train.epochs = 5
 
 
@@ -115,7 +116,7 @@ def test_every_shipped_recipe_is_valid(path):
 
 
 def test_section_keys_mirror_factory_arguments():
-    """`model:` -> build_model(**model), `freeze:` -> freeze(**), `scheduler:` -> build_scheduler."""
+    """`model:` -> build_model(**model), `freeze:` -> freeze(**freeze), and so on."""
     from finetune.freeze import freeze
     from finetune.model import build_model
     from finetune.optim import build_optimizer, param_groups
