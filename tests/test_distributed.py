@@ -86,3 +86,17 @@ def test_sharded_metrics_equal_a_single_process_evaluation(two_runs):
     report = json.loads(result.stdout)
     assert report["top1"] == pytest.approx(last_row["val/top1"])
     assert report["loss"] == pytest.approx(last_row["val/loss"], rel=1e-5)
+
+
+def test_resume_under_torchrun_continues_the_run(two_runs, tmp_path):
+    import shutil
+
+    ddp_dir, _, _, _ = two_runs
+    copy = tmp_path / "copy"
+    shutil.copytree(ddp_dir, copy)
+    result = run_cli("run", str(copy / "recipe.yaml"), "--nproc", "2", "--resume", str(copy),
+                     "--set", "train.epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(row) for row in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert json.loads((copy / "summary.json").read_text())["epochs"] == 3
