@@ -38,7 +38,12 @@ def test_bf16_autocast_on_cpu_runs_in_bf16():
 
 
 def test_rank_and_world_size_come_from_the_environment(monkeypatch):
+    import finetune.distributed
+
+    joined = []
+    monkeypatch.setattr(finetune.distributed, "init_process_group", joined.append)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     runtime = Runtime.create(device="cpu")
     assert (runtime.rank, runtime.world_size, runtime.is_main) == (1, 2, False)
+    assert joined == [torch.device("cpu")]  # torchrun's job is joined with the CPU backend
