@@ -30,6 +30,7 @@ _EXPORTS = {
     "prepare": "finetune.training",
     "load_trained": "finetune.inference",
     "predict_images": "finetune.inference",
+    "fuse_bn": "finetune.fusion",
 }
 
 __all__ = sorted(_EXPORTS)

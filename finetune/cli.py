@@ -140,7 +140,8 @@ def _argv_without_nproc(argv: list[str]) -> list[str]:
 @app.command("eval")
 @handles_errors
 def eval_(
-    source: Annotated[Path, typer.Argument(help="A run folder or a checkpoint inside one.")],
+    source: Annotated[Path, typer.Argument(
+        help="A run folder, a checkpoint inside one, or an export folder or file.")],
     data: Annotated[Path, typer.Argument(help="An image folder with one sub-folder per class.")],
     json_: JsonOpt = False,
 ) -> None:
@@ -164,7 +165,8 @@ def eval_(
 @app.command()
 @handles_errors
 def predict(
-    source: Annotated[Path, typer.Argument(help="A run folder or a checkpoint inside one.")],
+    source: Annotated[Path, typer.Argument(
+        help="A run folder, a checkpoint inside one, or an export folder or file.")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
     json_: JsonOpt = False,
@@ -179,6 +181,139 @@ def predict(
     for item in predictions:
         ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in item["top_k"])
         console.print(f"{item['image']}: {ranked}", markup=False)
+
+
+@app.command()
+@handles_errors
+def export(
+    source: Annotated[Path, typer.Argument(
+        help="A run folder (its best/ weights) or a checkpoint inside one.")],
+    fuse_bn: Annotated[bool, typer.Option(
+        "--fuse-bn/--no-fuse-bn", help="Fold BatchNorm into the conv or linear layer before it."
+    )] = True,
+    format_: Annotated[list[str] | None, typer.Option(
+        "--format", help="safetensors, torchscript, onnx or pt2; repeat or comma-separate "
+                         "[default: safetensors,torchscript].", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="The export folder [default: <run folder>/export].", show_default=False)] = None,
+    tolerance: Annotated[float, typer.Option(
+        min=0.0, help="Largest accepted logit difference, relative to the largest |logit|.")
+    ] = 1e-4,
+    json_: JsonOpt = False,
+) -> None:
+    """Fold BatchNorm, write deployable files, and check each against the original model.
+
+    Exit 1 when a file's logits differ beyond --tolerance (the folder is kept as <out>.failed).
+    """
+    from finetune.export import export_run
+
+    result = export_run(source, out=out, formats=format_, fuse=fuse_bn, tolerance=tolerance)
+    info = result.info
+    if json_:
+        console.print_json(json.dumps(info))
+        return
+    batchnorm, params = info["batchnorm"], info["parameters"]
+    console.print(f"BatchNorm folded {len(batchnorm['folded'])}, remaining "
+                  f"{len(batchnorm['remaining'])}; parameters {params['before']:,} -> "
+                  f"{params['after']:,}")
+    for name, check in info["verification"]["results"].items():
+        line = check.get("skipped") or (f"max abs diff {check['max_abs_diff']:.2e}, relative "
+                                        f"{check['max_rel_diff']:.2e}, top-1 agreement "
+                                        f"{check['top1_agreement']:.0%}")
+        console.print(f"{name:12s} {line}", markup=False)
+    console.print(str(result.out), markup=False)
+
+
+@app.command()
+@handles_errors
+def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Build the model with its weights (no data, no training) and show the load report,
+    parameter groups, frozen and trainable counts, BatchNorm policy and unfreeze schedule."""
+    loaded = _load_recipe(recipe, set_)
+    from finetune.plan import build_plan, plan_to_dict, print_plan
+
+    built = build_plan(loaded)
+    if json_:
+        console.print_json(json.dumps(plan_to_dict(built)))
+        return
+    print_plan(built, console)
+
+
+@app.command()
+@handles_errors
+def stats(
+    data: Annotated[Path, typer.Argument(
+        help="An image folder (one sub-folder per class) or a CSV/JSONL manifest.")],
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="Processes that decode images [default: one per spare core].",
+        show_default=False)] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Per-channel mean and std, images per class and image sizes of a dataset.
+
+    Every pixel of every image counts once, on the 0-1 scale. Unreadable images are listed, not
+    measured. The mean and std can go into a recipe as data.normalize: {mean: [...], std: [...]}.
+    """
+    from finetune.data import resolve_num_workers
+    from finetune.sources import open_path
+    from finetune.stats import image_statistics
+
+    result = image_statistics(open_path(data), num_workers=resolve_num_workers(
+        "auto" if workers is None else workers))
+    if json_:
+        console.print_json(json.dumps(result.to_dict()))
+        return
+    from rich.table import Table
+
+    console.print(f"{result.images} images in {len(result.per_class)} classes, "
+                  f"{result.width[0]}-{result.width[1]} x {result.height[0]}-{result.height[1]} "
+                  "px (width x height)")
+    table = Table("", "R", "G", "B")
+    for name, values in (("mean", result.mean), ("std", result.std)):
+        table.add_row(name, *(f"{v:.4f}" for v in values))
+    console.print(table)
+    classes = Table("class", "images")
+    for name, count in result.per_class.items():
+        classes.add_row(name, str(count))
+    console.print(classes)
+    for message in result.unreadable:
+        console.print(f"unreadable: {message}", markup=False)
+    mean, std = (", ".join(f"{v:.4f}" for v in values) for values in (result.mean, result.std))
+    console.print(f"recipe: data.normalize: {{mean: [{mean}], std: [{std}]}}", markup=False)
+
+
+@app.command("lr-find")
+@handles_errors
+def lr_find(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    start_lr: Annotated[float, typer.Option(min=0, help="The first LR of the ramp.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(min=0, help="The last LR of the ramp.")] = 10.0,
+    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps, one per LR.")] = 100,
+    rule: Annotated[str, typer.Option(
+        help="steepest: where the smoothed loss falls fastest; min10: a tenth of the LR with "
+             "the lowest loss.")] = "steepest",
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write lr_find.png and lr_find.json (default: <output.dir>/<name>/"
+             "lr-find).", show_default=False)] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """LR range test: train STEPS steps at exponentially rising LRs, stop when the loss
+    diverges, put the weights back, and suggest optimizer.lr. The last line is the folder."""
+    loaded = _load_recipe(recipe, set_)
+    from finetune.lr_find import find_lr
+
+    result = find_lr(loaded, start_lr=start_lr, end_lr=end_lr, steps=steps, rule=rule)
+    folder = result.save(out or loaded.output.dir / loaded.name / "lr-find")
+    if json_:
+        console.print_json(json.dumps({"suggestion": result.suggestion, "rule": result.rule,
+                                       "group_lrs": result.group_lrs, "out": str(folder)}))
+        return
+    console.print(result.describe(), markup=False)
+    for name, lr in result.group_lrs.items():
+        console.print(f"  group {name} trains at {lr:.3g}", markup=False)
+    console.print(f"use it: --set optimizer.lr={result.suggestion:.3g}", markup=False)
+    console.print(str(folder), markup=False)
 
 
 def main() -> None:

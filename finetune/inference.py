@@ -15,13 +15,16 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from finetune.augment import build_transforms
 from finetune.checkpoint import RunFolder
-from finetune.data import build_loader, build_transforms, load_rgb, normalization
+from finetune.data import Split, build_loader
 from finetune.errors import UserError
 from finetune.loop import evaluate
 from finetune.model import build_model
 from finetune.recipe import Recipe
 from finetune.runtime import Runtime
+from finetune.sources import ImageFiles, load_rgb, open_path
+from finetune.stats import normalization
 from finetune.training import pretrained_config
 from finetune.weights import read_state_dict, resolve_weights_path
 
@@ -44,8 +47,16 @@ def find_run_folder(path: Path) -> Path:
 
 
 def load_trained(source: str | Path, device: str = "auto") -> TrainedModel:
-    """Rebuild the model of a run (``best/`` weights unless ``source`` names another file)."""
+    """Rebuild the model of a run (``best/`` weights unless ``source`` names another file).
+
+    ``source`` may also be an export (``finetune export``): its folder, or its safetensors or
+    TorchScript file; ``finetune.export.load_exported`` reads those.
+    """
     source = Path(source)
+    from finetune import export  # imported here: finetune.export imports this module
+
+    if export.is_export(source):
+        return export.load_exported(source, device=device)
     if not source.exists():
         raise UserError(f"{source}: no such run folder or checkpoint")
     folder = RunFolder(find_run_folder(source.resolve()))
@@ -67,21 +78,18 @@ def load_trained(source: str | Path, device: str = "auto") -> TrainedModel:
 
 def evaluate_folder(trained: TrainedModel, root: str | Path, batch_size: int = 64
                     ) -> dict[str, Any]:
-    """Loss, top-1, top-5 and per-class accuracy on an image folder, classes matched by name."""
-    from torchvision.datasets import ImageFolder
-
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root}: no such image folder")
-    dataset = ImageFolder(str(root), transform=trained.transform, loader=load_rgb)
-    unknown = [name for name in dataset.classes if name not in trained.classes]
+    """Loss, top-1, top-5 and per-class accuracy on an image folder or a CSV/JSONL manifest,
+    classes matched to the model's by name."""
+    found = open_path(Path(root), key="DATA", num_classes=len(trained.classes))
+    unknown = [name for name in found.classes if name not in trained.classes]
     if unknown:
         raise UserError(f"{root}: classes the model was not trained on: {unknown}; "
                         f"it knows {trained.classes}")
-    to_model_index = {i: trained.classes.index(name) for i, name in enumerate(dataset.classes)}
-    dataset.target_transform = to_model_index.__getitem__
-    loader = build_loader(dataset, batch_size=batch_size, train=False, num_workers=0,
-                          pin_memory=trained.runtime.pin_memory)
+    to_model_index = [trained.classes.index(name) for name in found.classes]
+    dataset = ImageFiles([(path, to_model_index[label]) for path, label in found.samples],
+                         trained.classes, found.origin)
+    loader = build_loader(Split(dataset, transform=trained.transform), batch_size=batch_size,
+                          train=False, num_workers=0, pin_memory=trained.runtime.pin_memory)
     metrics = evaluate(trained.model, loader, trained.runtime, len(trained.classes),
                        per_class=True)
     images, correct = metrics.pop("per_class_images"), metrics.pop("per_class_correct")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from finetune.augment import hard_labels
 from finetune.checkpoint import RunFolder, rng_state
+from finetune.data import skipped_images
+from finetune.freeze import UnfreezeStage, apply_unfreeze
 from finetune.progress import EpochProgress
 from finetune.runtime import Runtime
+from finetune.schedule import PlateauSchedule
 
 
 @dataclass
@@ -70,8 +75,12 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, num_classes
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, runtime: Runtime, progress: EpochProgress, *,
                     grad_accum_steps: int, clip_grad_norm: float | None, label_smoothing: float,
-                    step_scheduler_per_batch: bool) -> dict[str, float]:
-    """One pass over ``loader``; returns train loss, accuracy and images per second."""
+                    step_scheduler_per_batch: bool, class_weights: torch.Tensor | None = None
+                    ) -> dict[str, float]:
+    """One pass over ``loader``; returns train loss, accuracy and images per second.
+
+    Labels may be class indices or, after mixup/cutmix, class probabilities (soft targets).
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_sum = correct = seen = 0.0
@@ -82,14 +91,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with runtime.no_sync(model, accumulating=not boundary):
             with runtime.autocast():
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits, labels, weight=class_weights,
+                                       label_smoothing=label_smoothing)
             runtime.backward(loss / grad_accum_steps)
         if boundary:
             runtime.step(optimizer, model, clip_grad_norm)
             if step_scheduler_per_batch:
                 scheduler.step()
         loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(dim=1) == labels).sum().item()
+        correct += (logits.argmax(dim=1) == hard_labels(labels)).sum().item()
         seen += len(labels)
         progress.update(loss_sum / seen, correct / seen, seen / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
@@ -110,26 +120,35 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         epochs: int, num_classes: int, state: LoopState, run: RunFolder | None,
         progress: EpochProgress, grad_accum_steps: int = 1, clip_grad_norm: float | None = None,
         label_smoothing: float = 0.0, scheduler_interval: str = "step",
-        save_best: str = "val/top1") -> LoopState:
-    """Train from epoch ``state.epoch + 1`` to ``epochs``, checkpointing after every epoch."""
+        save_best: str = "val/top1", unfreeze: Sequence[UnfreezeStage] = (),
+        class_weights: torch.Tensor | None = None) -> LoopState:
+    """Train from epoch ``state.epoch + 1`` to ``epochs``, checkpointing after every epoch.
+
+    ``unfreeze``: parameters that become trainable (new optimizer groups) at a given epoch.
+    """
     for epoch in range(state.epoch + 1, epochs + 1):
+        apply_unfreeze(optimizer, scheduler, unfreeze, epoch)
         # A permutation seeded per epoch: the same order whether or not the run was resumed.
         train_loader.sampler.set_epoch(epoch)
         progress.start_epoch(epoch, epochs, len(train_loader))
         train_metrics = train_one_epoch(
             model, train_loader, optimizer, scheduler, runtime, progress,
             grad_accum_steps=grad_accum_steps, clip_grad_norm=clip_grad_norm,
-            label_smoothing=label_smoothing, step_scheduler_per_batch=scheduler_interval == "step")
+            label_smoothing=label_smoothing, step_scheduler_per_batch=scheduler_interval == "step",
+            class_weights=class_weights)
         lrs = {group.get("name", str(i)): group["lr"]
                for i, group in enumerate(optimizer.param_groups)}
         if scheduler_interval == "epoch":
             scheduler.step()
         val_metrics = evaluate(model, val_loader, runtime, num_classes)
+        if isinstance(scheduler, PlateauSchedule):  # ReduceLROnPlateau decides on the metric
+            scheduler.step({**train_metrics, **val_metrics}[scheduler.monitor])
         state.epoch, state.train_seconds = epoch, state.train_seconds + train_metrics["seconds"]
         improved = is_better(val_metrics[save_best], state.best_value, save_best)
         if improved:
             state.best_epoch, state.best_value = epoch, val_metrics[save_best]
         row = {"epoch": epoch, "epochs": epochs, **train_metrics, **val_metrics,
+               **skipped_images(train=train_loader, val=val_loader),
                "lr": next(iter(lrs.values())), **{f"lr/{k}": v for k, v in lrs.items()}}
         state.history.append(row)
         if run is not None:

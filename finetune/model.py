@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import URLError
 
+import torch
 from torch import nn
 
 from finetune.errors import UserError
-from finetune.heads import build_head
+from finetune.heads import build_head, head_options
 from finetune.recipe import HeadConfig, LoadConfig
 from finetune.weights import LoadReport, load_partial
 
@@ -31,6 +32,7 @@ class BuiltModel:
     model: nn.Module
     head_name: str
     load_report: LoadReport | None
+    in_features: int = 0  # pooled features the head receives
 
 
 def check_backbone_name(backbone: str) -> None:
@@ -71,18 +73,38 @@ def build_model(
     head, load = head or HeadConfig(), load or LoadConfig()
     check_backbone_name(backbone)
     if backbone.startswith(TORCHVISION_PREFIX):
+        if head.pool is not None:
+            raise UserError("model.head.pool: pooling can be changed on timm backbones only; "
+                            f"{backbone} keeps its own")
         model = _torchvision_model(backbone.removeprefix(TORCHVISION_PREFIX), pretrained is True)
     else:
         model = _timm_model(backbone, pretrained is True)
+        _reset_timm_classifier(model, backbone, num_classes, head.pool)
     head_name = _classifier_name(model)
-    old_head = model.get_submodule(head_name)
-    new_head = build_head(head.type, in_features=old_head.in_features, num_classes=num_classes,
-                          init=head.init, dropout=head.dropout)
+    in_features = model.get_submodule(head_name).in_features
+    new_head = build_head(head.type, in_features=in_features, num_classes=num_classes,
+                          init=head.init, **head_options(head))
     model.set_submodule(head_name, new_head)
     report = None
     if isinstance(pretrained, (str, Path)):
         report = load_partial(model, pretrained, **load.model_dump(), new_head=[f"{head_name}.*"])
-    return BuiltModel(model, head_name, report)
+    return BuiltModel(model, head_name, report, in_features)
+
+
+def _reset_timm_classifier(model: nn.Module, backbone: str, num_classes: int,
+                           pool: str | None) -> None:
+    """timm's own classifier reset: sets ``num_classes`` and, when asked, the pooling."""
+    # Forked so that the throwaway linear layer draws no random numbers: the new head gets the
+    # same initial weights as when timm's classifier is replaced without a reset.
+    with torch.random.fork_rng(devices=[]):
+        if pool is None:
+            model.reset_classifier(num_classes)
+            return
+        try:
+            model.reset_classifier(num_classes, global_pool=pool)
+        except (AssertionError, ValueError) as error:  # timm asserts on an unknown pool type
+            raise UserError(f"model.head.pool: {backbone} cannot pool with {pool!r} "
+                            f"({error})") from None
 
 
 def _timm_model(name: str, pretrained: bool) -> nn.Module:
@@ -129,11 +151,13 @@ def _offline_error(name: str, error: Exception) -> UserError:
 
 def _classifier_name(model: nn.Module) -> str:
     """The dotted name of the final classifier layer of a timm or torchvision model."""
-    name = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if isinstance(name, (list, tuple)):  # a few timm models have two heads (e.g. distilled)
-        name = name[0]
-    if name:
-        return name
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, (list, tuple)):  # a few timm models have two heads (distilled)
+        classifier = classifier[0]
+    if isinstance(classifier, nn.Linear):
+        name = next((n for n, m in model.named_modules() if m is classifier), None)
+        if name:
+            return name
     linear_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linear_layers:
         raise UserError("model.backbone: found no linear classifier layer to replace")

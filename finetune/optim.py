@@ -7,8 +7,11 @@ parameters no rule matches form the ``default`` group with the optimizer's own `
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
-from collections.abc import Sequence
+import inspect
+import os
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -17,17 +20,20 @@ from torch import nn
 from finetune.errors import UserError
 from finetune.recipe import ParamGroupRule
 
+# torch's own optimizers, under torch's names and with torch's defaults. Every other name is
+# looked up in timm's registry (lamb, lion, adan, nadamw, ...) and keeps timm's defaults.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
 }
 
-
-def _is_no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and normalisation weights (1-d tensors) are conventionally not decayed."""
-    return param.ndim <= 1 or name.endswith(".bias")
+# What ``no_decay`` can exempt from weight decay; ``no_decay: true`` means all of them, which is
+# timm's rule (``param_groups_weight_decay``): 1-d tensors, biases and ``model.no_weight_decay()``.
+NO_DECAY_KINDS = ("bias", "norm", "embed")
 
 
 def param_groups(
@@ -36,34 +42,69 @@ def param_groups(
     lr: float,
     weight_decay: float = 0.0,
     rules: Sequence[ParamGroupRule] = (),
-    no_decay: bool = False,
+    no_decay: bool | Sequence[str] = False,
+    layer_decay: float | None = None,
+    names: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``model`` into optimizer groups.
 
-    Each group is a dict for ``torch.optim`` with ``params``, ``lr``, ``weight_decay`` plus
-    ``name`` (the rule's pattern or ``default``) and ``param_names`` for reports. With
-    ``no_decay``, each group's biases and norm weights move to a ``<name>/no_decay`` twin with
-    weight decay 0. Empty groups are dropped.
+    Each parameter goes to exactly one group. A group is a dict for ``torch.optim`` with
+    ``params``, ``lr``, ``weight_decay``, plus ``name`` and ``rule`` (the rule's ``match``, or
+    ``default``) and ``param_names`` for reports; empty groups never appear.
+
+    Args:
+        lr, weight_decay: the values of parameters that no rule matches.
+        rules: ``ParamGroupRule``s, first match wins: ``lr`` (absolute), or ``lr_mult`` (times
+            ``lr``), and/or ``weight_decay``. A rule that matches no parameter is an error.
+        no_decay: ``True``, or some of ``"bias"`` (``*.bias``), ``"norm"`` (other 1-d tensors:
+            normalisation weights, layer-scale gains) and ``"embed"`` (the model's
+            ``no_weight_decay()`` names, e.g. ViT's ``pos_embed`` and ``cls_token``): these
+            move to a ``<name>/no_decay`` twin group with weight decay 0.
+        layer_decay: layer-wise LR decay (BEiT-style, as timm's ``param_groups_layer_decay``):
+            the LR of layer ``i`` of ``n`` (timm's ``group_matcher``; for other models the
+            top-level children in order; the head is last) is multiplied by
+            ``layer_decay ** (n - 1 - i)``, in groups ``<name>/depth<i>``. Rules with an absolute
+            ``lr`` are not decayed.
+        names: group these parameters, frozen or not, instead of the trainable ones (used for
+            parameters that an unfreeze step will add later).
+
+    Example:
+        >>> groups = param_groups(model, lr=0.01, weight_decay=1e-4, no_decay=True,
+        ...                       rules=[ParamGroupRule(match="fc.*", lr=0.1)])
+        >>> [(g["name"], g["lr"]) for g in groups]
+        [('default', 0.01), ('default/no_decay', 0.01), ('fc.*', 0.1), ('fc.*/no_decay', 0.1)]
     """
     named = list(model.named_parameters())
-    for rule in rules:
-        if not any(fnmatch.fnmatchcase(name, rule.match) for name, _ in named):
-            raise UserError(f"optimizer.param_groups: {rule.match!r} matches no parameter "
-                            f"(names look like {named[0][0]!r})")
+    _check_rules(rules, named)
+    kinds = _no_decay_kinds(no_decay)
+    embed = _no_weight_decay_names(model) if "embed" in kinds else set()
+    layers, num_layers = layer_ids(model) if layer_decay is not None else ({}, 1)
     groups: dict[str, dict[str, Any]] = {}
     for name, param in named:
-        if not param.requires_grad:
+        if (not param.requires_grad) if names is None else (name not in names):
             continue
         rule = next((r for r in rules if fnmatch.fnmatchcase(name, r.match)), None)
         group_name, group_lr, group_wd = _group_values(rule, lr, weight_decay)
-        if no_decay and _is_no_decay(name, param):
+        rule_name = group_name
+        if layer_decay is not None and (rule is None or rule.lr is None):
+            layer = layers.get(name, num_layers - 1)
+            group_lr *= layer_decay ** (num_layers - 1 - layer)
+            group_name = f"{group_name}/depth{layer}"
+        if group_wd > 0 and _exempt_from_decay(name, param, kinds, embed):
             group_name, group_wd = f"{group_name}/no_decay", 0.0
-        group = groups.setdefault(group_name, {"name": group_name, "lr": group_lr,
-                                               "weight_decay": group_wd, "params": [],
-                                               "param_names": []})
+        group = groups.setdefault(group_name, {"name": group_name, "rule": rule_name,
+                                               "lr": group_lr, "weight_decay": group_wd,
+                                               "params": [], "param_names": []})
         group["params"].append(param)
         group["param_names"].append(name)
     return list(groups.values())
+
+
+def _check_rules(rules: Sequence[ParamGroupRule], named: list[tuple[str, nn.Parameter]]) -> None:
+    for index, rule in enumerate(rules):
+        if not any(fnmatch.fnmatchcase(name, rule.match) for name, _ in named):
+            raise UserError(f"optimizer.param_groups.{index}.match: {rule.match!r} matches no "
+                            f"parameter (names look like {named[0][0]!r}, {named[-1][0]!r})")
 
 
 def _group_values(rule: ParamGroupRule | None, lr: float, weight_decay: float
@@ -75,14 +116,183 @@ def _group_values(rule: ParamGroupRule | None, lr: float, weight_decay: float
     return rule.match, group_lr, group_wd
 
 
-def build_optimizer(groups: list[dict[str, Any]], *, name: str, lr: float,
-                    **options: Any) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over ``groups``; ``options`` left as ``None`` keep torch's defaults."""
+def _no_decay_kinds(no_decay: bool | Sequence[str]) -> set[str]:
+    if isinstance(no_decay, bool):
+        return set(NO_DECAY_KINDS) if no_decay else set()
+    unknown = set(no_decay) - set(NO_DECAY_KINDS)
+    if unknown:
+        raise UserError(f"optimizer.no_decay: unknown {sorted(unknown)}; choose from "
+                        f"{', '.join(NO_DECAY_KINDS)} or true")
+    return set(no_decay)
+
+
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Globs a timm model names in ``no_weight_decay()`` (position embeddings, class tokens)."""
+    method = getattr(model, "no_weight_decay", None)
+    return set(method()) if callable(method) else set()
+
+
+def _exempt_from_decay(name: str, param: nn.Parameter, kinds: set[str], embed: set[str]) -> bool:
+    if "bias" in kinds and name.endswith("bias"):
+        return True
+    if "norm" in kinds and param.ndim <= 1 and not name.endswith("bias"):
+        return True
+    return "embed" in kinds and any(fnmatch.fnmatchcase(name, pattern) for pattern in embed)
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """The layer index of every parameter (0 at the input, the head last) and the layer count.
+
+    timm models describe their layers with ``group_matcher`` (stem, each block, head), which
+    timm's own layer decay uses; other models count their top-level children in order.
+    """
+    if callable(getattr(model, "group_matcher", None)):
+        from timm.models import group_parameters
+
+        raw = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    else:
+        children = {name: index for index, (name, _) in enumerate(model.named_children())}
+        raw = {name: children.get(name.split(".", 1)[0], 0)
+               for name, _ in model.named_parameters()}
+    compact = {value: index for index, value in enumerate(sorted(set(raw.values())))}
+    return {name: compact[value] for name, value in raw.items()}, len(compact)
+
+
+# The options with a key of their own in the recipe; any other goes in ``optimizer.options``.
+_COMMON_OPTIONS = ("momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered")
+
+
+def list_optimizers() -> list[str]:
+    """Every ``optimizer.name``: torch's (``OPTIMIZERS``), then the rest of timm's registry."""
+    from timm.optim import list_optimizers as timm_optimizers
+
+    return [*OPTIMIZERS, *(name for name in timm_optimizers() if name not in OPTIMIZERS)]
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The class behind ``name``; an unknown name is an error that lists the known ones."""
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    from timm.optim import get_optimizer_class
+
+    try:
+        return get_optimizer_class(name, bind_defaults=False)
+    except ValueError:
+        known = list_optimizers()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"optimizer.name: unknown optimizer {name!r}; {hint}known: "
+                        f"{', '.join(known)}") from None
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]],
+    *,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float | None = None,
+    dampening: float | None = None,
+    nesterov: bool | None = None,
+    betas: Sequence[float] | None = None,
+    eps: float | None = None,
+    alpha: float | None = None,
+    centered: bool | None = None,
+    options: dict[str, Any] | None = None,
+    lr_scale: float = 1.0,
+) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``groups``, built by timm's ``create_optimizer_v2``.
+
+    Each group keeps its own ``lr``, ``weight_decay`` and ``name`` (``param_names`` is left out).
+    Options left as ``None`` keep the optimizer's defaults: torch's for ``OPTIMIZERS`` (timm
+    would make ``sgd`` Nesterov with momentum 0.9), timm's for its own names. An option the
+    optimizer's constructor does not take is an error that names it.
+
+    Args:
+        lr, weight_decay: the defaults of groups that do not set their own.
+        momentum, dampening, nesterov, betas, eps, alpha, centered: the common options.
+        options: any other keyword argument of the optimizer (``{rho: 0.9}`` for adadelta,
+            ``{trust_clip: true}`` for lamb).
+        lr_scale: multiplies every LR (``lr_scale_factor``: the linear scaling rule).
+
+    Example:
+        >>> build_optimizer(param_groups(model, lr=0.1), name="sgd", lr=0.1, momentum=0.9)
+    """
     if not groups:
         raise UserError("optimizer: no trainable parameters (is everything frozen?)")
-    options = {key: value for key, value in options.items() if value is not None}
-    torch_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    common = dict(zip(_COMMON_OPTIONS, (momentum, dampening, nesterov, betas, eps, alpha, centered),
+                      strict=True))
+    given = {key: value for key, value in common.items() if value is not None}
+    extra = dict(options or {})
+    cls = optimizer_class(name)
+    _check_options(name, cls, given, extra)
+    kwargs = {**_torch_defaults(name), **given, **extra}
+    torch_groups = [{**{k: v for k, v in g.items() if k != "param_names"}, "lr": g["lr"] * lr_scale}
+                    for g in groups]
+    from timm.optim import create_optimizer_v2
+
     try:
-        return OPTIMIZERS[name](torch_groups, lr=lr, **options)
-    except TypeError as error:
-        raise UserError(f"optimizer: {name} does not take these options: {error}") from None
+        return create_optimizer_v2(torch_groups, opt=name, lr=lr * lr_scale,
+                                   weight_decay=weight_decay, **kwargs)
+    except (TypeError, ValueError) as error:  # e.g. a value out of the optimizer's range
+        raise UserError(f"optimizer: {name}: {error}") from None
+
+
+def _check_options(name: str, cls: type, given: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Every option must be a keyword argument of the optimizer's constructor."""
+    for key in extra:
+        if key in ("params", "lr", "weight_decay", *_COMMON_OPTIONS):
+            raise UserError(f"optimizer.options.{key}: {key} has its own key: set optimizer.{key}")
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # takes anything: the constructor itself will complain
+    valid = sorted(set(parameters) - {"self", "params", "lr", "weight_decay"})
+    for prefix, keys in (("optimizer", given), ("optimizer.options", extra)):
+        for key in keys:
+            if key not in parameters:
+                raise UserError(f"{prefix}.{key}: {name} ({cls.__name__}) has no option {key!r}; "
+                                f"it takes: {', '.join(valid)}")
+
+
+def _torch_defaults(name: str) -> dict[str, Any]:
+    """The defaults timm changes for torch's optimizers, put back to torch's own values."""
+    if name not in OPTIMIZERS:
+        return {}
+    from timm.optim import get_optimizer_info
+
+    info = get_optimizer_info(name)
+    changed = set(info.defaults or {}) | ({"momentum"} if info.has_momentum else set())
+    parameters = inspect.signature(OPTIMIZERS[name].__init__).parameters
+    return {key: parameters[key].default for key in changed}
+
+
+def lr_scale_factor(*, lr_scaling: str = "none", batch_size: int, base_batch_size: int = 256,
+                    grad_accum_steps: int = 1, world_size: int | None = None) -> float:
+    """The factor ``optimizer.lr_scaling`` applies to every learning rate.
+
+    ``linear`` is the linear scaling rule: images per optimizer step (``batch_size`` x
+    ``grad_accum_steps`` x processes) / ``base_batch_size``, the batch the LRs were chosen for;
+    ``none`` is 1. ``world_size`` defaults to the ``WORLD_SIZE`` environment variable (torchrun
+    sets it), else 1.
+
+    Example:
+        >>> lr_scale_factor(lr_scaling="linear", batch_size=64, grad_accum_steps=2,
+        ...                 base_batch_size=256, world_size=4)
+        2.0
+    """
+    if lr_scaling == "none":
+        return 1.0
+    if lr_scaling != "linear":
+        raise UserError(f"optimizer.lr_scaling: expected none or linear, got {lr_scaling!r}")
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return batch_size * grad_accum_steps * world_size / base_batch_size
+
+
+def optimizer_arguments(config: Any) -> dict[str, Any]:
+    """The keys of an ``optimizer:`` section (``OptimizerConfig``) that ``build_optimizer`` takes.
+
+    The others belong to ``param_groups`` (the group rules) and ``lr_scale_factor``.
+    """
+    accepted = inspect.signature(build_optimizer).parameters
+    return {key: value for key, value in config if key in accepted}

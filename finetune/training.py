@@ -16,18 +16,28 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from finetune.augment import build_batch_transform
 from finetune.checkpoint import RunFolder, link_latest, new_run_dir, restore_rng_state, write_json
-from finetune.data import Datasets, build_datasets, build_loader, normalization, resolve_num_workers
-from finetune.distributed import ShardSampler, ShuffleShardSampler
+from finetune.data import (
+    Datasets,
+    build_datasets,
+    build_loader,
+    build_train_sampler,
+    resolve_num_workers,
+)
+from finetune.distributed import ShardSampler
 from finetune.errors import UserError
-from finetune.freeze import FreezeReport, freeze
+from finetune.freeze import FreezeReport, UnfreezeStage, apply_unfreeze
 from finetune.loop import LoopState, fit
-from finetune.model import TORCHVISION_PREFIX, BuiltModel, build_model, check_backbone_name
-from finetune.optim import build_optimizer, param_groups
+from finetune.lr_find import resolve_auto_lr
+from finetune.model import TORCHVISION_PREFIX, BuiltModel, check_backbone_name
+from finetune.optim import build_optimizer, lr_scale_factor, optimizer_arguments
+from finetune.plan import build_plan, print_load_report
 from finetune.progress import EpochProgress
 from finetune.recipe import Recipe
 from finetune.runtime import Runtime
 from finetune.schedule import build_scheduler
+from finetune.stats import with_measured_normalization
 
 
 @dataclass
@@ -40,6 +50,7 @@ class Prepared:
     built: BuiltModel
     freeze_report: FreezeReport
     groups: list[dict[str, Any]]
+    unfreeze: list[UnfreezeStage]
 
 
 @dataclass
@@ -70,18 +81,20 @@ def prepare(recipe: Recipe) -> Prepared:
     seed_everything(recipe.seed)
     runtime = Runtime.create(device=recipe.train.device, precision=recipe.train.precision,
                              channels_last=recipe.train.channels_last)
-    mean, std = normalization(recipe.data, pretrained_config(recipe.model.backbone))
-    datasets = build_datasets(recipe.data, mean=mean, std=std, seed=recipe.seed)
+    datasets = build_datasets(recipe.data, seed=recipe.seed, num_classes=recipe.model.num_classes,
+                              pretrained_cfg=pretrained_config(recipe.model.backbone))
+    # `normalize: dataset` is measured once: the run's recipe.yaml keeps the values it measured.
+    recipe = with_measured_normalization(recipe, datasets.normalization)
     num_classes = recipe.model.num_classes or len(datasets.classes)
     if num_classes != len(datasets.classes):
         raise UserError(f"model.num_classes is {num_classes} but the training data has "
                         f"{len(datasets.classes)} classes: {datasets.classes}")
-    built = build_model(**{**dict(recipe.model), "num_classes": num_classes})
-    freeze_report = freeze(built.model, **dict(recipe.freeze))
-    opt = recipe.optimizer
-    groups = param_groups(built.model, lr=opt.lr, weight_decay=opt.weight_decay,
-                          rules=opt.param_groups, no_decay=opt.no_decay)
-    return Prepared(recipe, runtime, datasets, built, freeze_report, groups)
+    if recipe.freeze.unfreeze and runtime.distributed:
+        raise UserError("freeze.unfreeze: gradual unfreezing needs a single process; DDP fixes "
+                        "the set of trainable parameters when it wraps the model")
+    plan = build_plan(recipe, num_classes=num_classes)
+    return Prepared(recipe, runtime, datasets, plan.built, plan.freeze, plan.groups,
+                    plan.unfreeze)
 
 
 def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path | None = None,
@@ -93,6 +106,7 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
         resume: a run folder to continue from its ``last/`` checkpoint (``run_dir`` is ignored).
     """
     console = console or Console()
+    recipe, lr_found = resolve_auto_lr(recipe, console)  # optimizer.lr: auto -> a number
     prepared = prepare(recipe)
     runtime, datasets, model = prepared.runtime, prepared.datasets, prepared.built.model
     # Frozen BatchNorm layers never compute batch statistics: there is nothing to synchronise.
@@ -100,11 +114,17 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
     model = runtime.prepare(model, sync_batchnorm=sync_bn)
     train_loader, val_loader = build_loaders(prepared)
     opt = recipe.optimizer
-    optimizer = build_optimizer(prepared.groups, **opt.model_dump(exclude={"param_groups",
-                                                                             "no_decay"}))
+    lr_scale = lr_scale_factor(lr_scaling=opt.lr_scaling, base_batch_size=opt.base_batch_size,
+                               batch_size=recipe.data.batch_size,
+                               grad_accum_steps=recipe.train.grad_accum_steps,
+                               world_size=runtime.world_size)
+    optimizer = build_optimizer(prepared.groups, lr_scale=lr_scale, **optimizer_arguments(opt))
     steps_per_epoch = -(-len(train_loader) // recipe.train.grad_accum_steps)
+    if recipe.scheduler.monitor == "val/top5" and len(datasets.classes) < 5:
+        raise UserError("scheduler.monitor: val/top5 is only logged with 5 or more classes")
     scheduler = build_scheduler(optimizer, epochs=recipe.train.epochs,
-                                steps_per_epoch=steps_per_epoch, **dict(recipe.scheduler))
+                                steps_per_epoch=steps_per_epoch, lr_scale=lr_scale,
+                                **dict(recipe.scheduler))
 
     # Every process must write to (and resume from) the folder rank 0 names.
     folder = RunFolder(runtime.broadcast(Path(resume) if resume else Path(run_dir) if run_dir
@@ -112,9 +132,14 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
     state = LoopState()
     if resume:
         runtime.barrier()
-        state = _restore(folder, runtime.unwrap(model), optimizer, scheduler, runtime)
+        state = _restore(folder, runtime.unwrap(model), optimizer, scheduler, runtime,
+                         prepared.unfreeze)
     if runtime.is_main:
         _start_folder(folder, prepared, link=not resume and run_dir is None)
+        if lr_found is not None:
+            lr_found.save(folder.path / "lr_find")  # how optimizer.lr: auto was resolved
+        if prepared.built.load_report is not None:
+            print_load_report(prepared.built.load_report, console)
         console.print(f"run folder: {folder.path}  ({len(datasets.train)} train / "
                       f"{len(datasets.val)} val images, {len(datasets.classes)} classes, "
                       f"device {runtime.device}, {runtime.precision}, {runtime.world_size} "
@@ -128,7 +153,9 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
             grad_accum_steps=recipe.train.grad_accum_steps,
             clip_grad_norm=recipe.train.clip_grad_norm,
             label_smoothing=recipe.train.label_smoothing,
-            scheduler_interval=recipe.scheduler.interval, save_best=recipe.output.save_best)
+            scheduler_interval=recipe.scheduler.interval, save_best=recipe.output.save_best,
+            unfreeze=prepared.unfreeze,
+            class_weights=_class_weights(prepared))
     finally:
         summary = _summary(folder, state, recipe, runtime,
                            completed=state.epoch == recipe.train.epochs)
@@ -149,16 +176,27 @@ def build_loaders(prepared: Prepared) -> tuple[DataLoader, DataLoader]:
     recipe, runtime, datasets = prepared.recipe, prepared.runtime, prepared.datasets
     num_workers = resolve_num_workers(recipe.data.num_workers)
     shards = {"rank": runtime.rank, "world_size": runtime.world_size}
-    train_sampler = ShuffleShardSampler(len(datasets.train), seed=recipe.seed,
-                                        batch_size=recipe.data.batch_size, **shards)
-    train_loader = build_loader(datasets.train, batch_size=recipe.data.batch_size, train=True,
-                                num_workers=num_workers, pin_memory=runtime.pin_memory,
-                                sampler=train_sampler)
+    workers = {"num_workers": num_workers, "pin_memory": runtime.pin_memory,
+               "persistent_workers": recipe.data.persistent_workers,
+               "prefetch_factor": recipe.data.prefetch_factor}
+    train_sampler = build_train_sampler(recipe.data.sampler, datasets.train.targets,
+                                        seed=recipe.seed, batch_size=recipe.data.batch_size,
+                                        **shards)
+    train_loader = build_loader(
+        datasets.train, batch_size=recipe.data.batch_size, train=True, sampler=train_sampler,
+        seed=recipe.seed + runtime.rank, **workers,
+        collate_fn=build_batch_transform(recipe.data.augment, len(datasets.classes)))
     val_loader = build_loader(datasets.val,
                               batch_size=recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
-                              train=False, num_workers=num_workers, pin_memory=runtime.pin_memory,
-                              sampler=ShardSampler(len(datasets.val), **shards))
+                              train=False, sampler=ShardSampler(len(datasets.val), **shards),
+                              **workers)
     return train_loader, val_loader
+
+
+def _class_weights(prepared: Prepared) -> torch.Tensor | None:
+    """``data.class_weights`` as a tensor on the device (``None``: unweighted loss)."""
+    weights = prepared.datasets.class_weights
+    return None if weights is None else weights.to(prepared.runtime.device)
 
 
 def resolve_resume(resume: str, recipe: Recipe, run_dir: Path | None, overrides: list[str]
@@ -183,6 +221,7 @@ def _start_folder(folder: RunFolder, prepared: Prepared, link: bool) -> None:
     folder.create()
     folder.write_recipe(prepared.recipe.to_yaml())
     folder.write_classes(prepared.datasets.classes)
+    write_json(folder.path / "normalization.json", prepared.datasets.normalization.to_dict())
     if prepared.built.load_report is not None:
         write_json(folder.path / "load_report.json", prepared.built.load_report.to_dict())
     if link:
@@ -190,9 +229,11 @@ def _start_folder(folder: RunFolder, prepared: Prepared, link: bool) -> None:
 
 
 def _restore(folder: RunFolder, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any, runtime: Runtime) -> LoopState:
+             scheduler: Any, runtime: Runtime, unfreeze: list[UnfreezeStage]) -> LoopState:
     tensors, saved = folder.load_checkpoint("last")
     model.load_state_dict(tensors)
+    # The saved optimizer has the groups of the stages unfrozen so far: add them first.
+    apply_unfreeze(optimizer, scheduler, unfreeze, saved["epoch"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     runtime.scaler.load_state_dict(saved["scaler"])

@@ -7,14 +7,15 @@ returns a ``LoadReport`` that names everything it did not load, so nothing is dr
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import pickle
 import re
-import zipfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,9 +24,14 @@ from finetune.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
 TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
-# Containers that training scripts wrap a state_dict in, most specific first.
-NESTED_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module")
-COMMON_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "net.", "_orig_mod.")
+# Entries that training scripts wrap a state_dict in, tried in this order (``load.key`` picks one).
+NESTED_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema", "ema")
+# Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+COMMON_PREFIXES = (*WRAPPER_PREFIXES, "model.", "backbone.", "encoder.", "net.")
+# Harmless classes that checkpoints carry beside the weights (torchvision's reference scripts
+# save their argparse options): allowed by the weights_only unpickler.
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 def resolve_weights_path(path: str | Path) -> Path:
@@ -37,8 +43,8 @@ def resolve_weights_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    for candidate in (path / WEIGHTS_FILE, path / "best" / WEIGHTS_FILE, path / "last" / WEIGHTS_FILE,
-                      path / "latest" / "best" / WEIGHTS_FILE):
+    for candidate in (path / WEIGHTS_FILE, path / "best" / WEIGHTS_FILE,
+                      path / "last" / WEIGHTS_FILE, path / "latest" / "best" / WEIGHTS_FILE):
         if candidate.is_file():
             return candidate
     if path.is_dir():
@@ -46,20 +52,30 @@ def resolve_weights_path(path: str | Path) -> Path:
     raise UserError(f"weights file not found: {path}")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors or torch file, unwrapped from ``state_dict``/``model``/... keys.
 
     Torch files are read with ``weights_only=True``: a pickle that needs code to run is refused.
+
+    Args:
+        key: the entry of a nested checkpoint to read (e.g. ``state_dict_ema``); by default the
+            first of ``NESTED_KEYS`` that holds tensors.
     """
+    return read_checkpoint(path, key)[0]
+
+
+def read_checkpoint(path: str | Path, key: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``read_state_dict`` plus the nested keys it went through (``["state_dict"]``)."""
     path = resolve_weights_path(path)
     if path.suffix == ".safetensors":
-        state = _read_safetensors(path)
+        state: object = _read_safetensors(path)
     elif path.suffix in TORCH_SUFFIXES:
         state = _read_torch(path)
     else:
         raise UserError(f"{path}: unknown weights format; use .safetensors, "
                         f"{', '.join(sorted(TORCH_SUFFIXES))}")
-    return _unwrap(state, path)
+    return _unwrap(state, path, key)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -69,46 +85,74 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                        f"({error})") from None
 
 
 def _read_torch(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise UserError(f"{path}: not a readable torch file, truncated or corrupt "
+                            f"({error})") from None
+        # torch names the offending global ("Unsupported global: GLOBAL x.y", or "... GLOBAL
+        # posix.system whose module posix is blocked"); quote that line.
+        culprit = next((line.strip().rstrip(".") for line in str(error).splitlines()
+                        if "GLOBAL" in line), "it references Python code")
         raise UserError(
-            f"{path}: refused to load: the file needs code execution to unpickle "
-            f"(weights_only=True). Re-save it as a plain state_dict or safetensors. ({error})"
+            f"{path}: refused to load: unpickling it would run code ({culprit}), which "
+            "weights_only=True forbids. If you trust the file, re-save its weights as a plain "
+            "state_dict or as .safetensors and load that."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise UserError(f"{path}: not a readable torch file, truncated or corrupt ({error})") from None
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a corrupt file
+        raise UserError(f"{path}: not a readable torch file, truncated or corrupt "
+                        f"({type(error).__name__}: {error})") from None
 
 
-def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:
-    while isinstance(state, Mapping) and not _is_tensor_mapping(state):
-        inner = next((state[key] for key in NESTED_KEYS if isinstance(state.get(key), Mapping)), None)
+def _unwrap(state: object, path: Path, key: str | None
+            ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    trail: list[str] = []
+    if key is not None:
+        if not isinstance(state, Mapping) or not isinstance(state.get(key), Mapping):
+            found = sorted(map(str, state))[:10] if isinstance(state, Mapping) else []
+            raise UserError(f"{path}: model.load.key: no entry {key!r}; top-level keys: {found}")
+        state, trail = state[key], [key]
+    # A checkpoint holds the state_dict under a known entry, beside numbers and other dicts.
+    while isinstance(state, Mapping):
+        inner = next((name for name in NESTED_KEYS if isinstance(state.get(name), Mapping)), None)
         if inner is None:
-            raise UserError(f"{path}: no state_dict found; top-level keys: {sorted(state)[:10]}")
-        state = inner
+            break
+        state = state[inner]
+        trail.append(inner)
     if not isinstance(state, Mapping):
         raise UserError(f"{path}: expected a state_dict, found {type(state).__name__}")
-    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path}: no state_dict found; top-level keys: "
+                        f"{sorted(map(str, state))[:10]}")
+    return tensors, trail
 
 
-def _is_tensor_mapping(state: Mapping) -> bool:
-    return bool(state) and all(isinstance(value, torch.Tensor) for value in state.values())
-
-
+# -------------------------------------------------------------------------------------- report
 @dataclass
 class LoadReport:
-    """What ``load_partial`` did: every key of the model and of the file is in one list."""
+    """What ``load_partial`` did, by key of the model (after the renaming rules).
+
+    ``loaded``: set from the file. ``missing``: model tensors left at their initial values
+    (including those ``mismatched`` or ``excluded``). ``unexpected``: file tensors the model has
+    no place for. ``mismatched``: ``{key, file_shape, model_shape}``, not loaded.
+    ``excluded``: file keys dropped by ``include``/``exclude``.
+    """
 
     source: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    mismatched: list[dict] = field(default_factory=list)  # {key, file_shape, model_shape}
+    mismatched: list[dict[str, Any]] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     suggestion: str | None = None
 
     @property
@@ -118,17 +162,29 @@ class LoadReport:
 
     @property
     def almost_nothing_loaded(self) -> bool:
+        """Fewer than half of the model's tensors came from the file: the keys likely differ."""
         expected = len(self.loaded) + len(self.missing)
         return expected > 0 and len(self.loaded) < 0.5 * expected
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "counts": self.counts}
+    @property
+    def warning(self) -> str | None:
+        """A loud one-line summary when the file barely fits the model, else ``None``."""
+        if not self.almost_nothing_loaded:
+            return None
+        total = len(self.loaded) + len(self.missing)
+        hint = f"; {self.suggestion}" if self.suggestion else ""
+        return (f"only {len(self.loaded)} of the model's {total} tensors were loaded from "
+                f"{self.source}: its keys do not match the model's{hint}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "counts": self.counts, "warning": self.warning}
 
 
 def load_partial(
     model: nn.Module,
     source: str | Path | Mapping[str, torch.Tensor],
     *,
+    key: str | None = None,
     strip_prefix: Iterable[str] = (),
     add_prefix: str = "",
     rename: Mapping[str, str] | None = None,
@@ -140,24 +196,100 @@ def load_partial(
 ) -> LoadReport:
     """Load the tensors of ``source`` that fit ``model`` and report on every key.
 
-    Key rules apply in this order: ``strip_prefix`` (each prefix, once), ``add_prefix``,
-    ``rename`` (regex -> replacement, in order), then ``include``/``exclude`` globs on the renamed
-    key. Tensors whose shape differs from the model's are skipped and reported, or raise with
-    ``on_shape_mismatch="error"``. With ``strict``, any model tensor outside ``new_head`` (glob
-    patterns of the freshly made head) that stays unloaded is an error.
+    ``source`` is a ``.safetensors`` or torch file (read with ``weights_only=True``), a run
+    folder of ours, or a state_dict. Key rules apply in this order: ``strip_prefix`` (each
+    prefix, once, in order), ``add_prefix``, ``rename`` (regex -> replacement, in order), then
+    ``include``/``exclude`` globs on the renamed key. A ``module.`` or ``_orig_mod.`` prefix on
+    every key (DataParallel, DDP, torch.compile) is stripped first when the model has no such
+    module, and noted in the report.
+
+    Args:
+        key: the entry of a nested checkpoint to read (default: ``state_dict``, ``model``, ...).
+        on_shape_mismatch: ``"skip"`` leaves a tensor whose shape differs from the model's at
+            its initial value and reports both shapes; ``"error"`` raises.
+        strict: fail when any model tensor outside ``new_head`` (globs of the freshly made
+            head) stays unloaded.
+
+    Raises:
+        UserError: an unreadable file, a bad rule, a shape mismatch with ``"error"``, or a strict
+            load that leaves tensors unloaded. Nothing is loaded then.
 
     Example:
         >>> report = load_partial(model, "resnet50_tv.pth", exclude=["fc.*"])
-        >>> report.counts["missing"]
+        >>> report.counts["missing"], report.mismatched
+        (2, [])
     """
     if on_shape_mismatch not in {"skip", "error"}:
         raise UserError(f"on_shape_mismatch must be skip or error, got {on_shape_mismatch!r}")
-    name = str(source) if not isinstance(source, Mapping) else "<state_dict>"
-    file_state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    if isinstance(source, Mapping):
+        name, file_state, trail = "<state_dict>", dict(source), []
+    else:
+        path = resolve_weights_path(source)  # a run folder -> its best/model.safetensors
+        name = str(path)
+        file_state, trail = read_checkpoint(path, key)
     target = model.state_dict()
     report = LoadReport(source=name)
+    if trail:
+        report.notes.append(f"read the checkpoint's {'/'.join(trail)!r} entry")
+    file_state = _strip_wrapper_prefix(file_state, target, report)
     renamed = _renamed(file_state, tuple(strip_prefix), add_prefix, dict(rename or {}))
-    include, exclude = list(include), list(exclude)
+    to_load = _sort_keys(renamed, target, list(include), list(exclude), report)
+    report.loaded = sorted(to_load)
+    report.missing = sorted(set(target) - set(to_load))
+    if report.mismatched and on_shape_mismatch == "error":
+        shapes = [f"{m['key']}: file {m['file_shape']} vs model {m['model_shape']}"
+                  for m in report.mismatched]
+        raise UserError(f"{name}: tensors with the wrong shape (on_shape_mismatch: error)", shapes)
+    if strict:
+        _check_strict(report, list(new_head))
+    if report.almost_nothing_loaded:
+        report.suggestion = suggest_rule(file_state, target)
+    model.load_state_dict(to_load, strict=False)
+    return report
+
+
+def _strip_wrapper_prefix(state: dict[str, torch.Tensor], target: Mapping[str, Any],
+                          report: LoadReport) -> dict[str, torch.Tensor]:
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state) and not any(
+                k.startswith(prefix) for k in target):
+            report.notes.append(f"stripped the {prefix!r} prefix every key carried")
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def _renamed(state: Mapping[str, torch.Tensor], strip: tuple[str, ...], add: str,
+             rename: dict[str, str]) -> dict[str, torch.Tensor]:
+    patterns = []
+    for pattern, replacement in rename.items():
+        try:
+            patterns.append((re.compile(pattern), replacement))
+        except re.error as error:
+            raise UserError(f"model.load.rename: {pattern!r} is not a regular expression "
+                            f"({error})") from None
+    result: dict[str, torch.Tensor] = {}
+    for original, tensor in state.items():
+        key = original
+        for prefix in strip:
+            key = key.removeprefix(prefix)
+        key = add + key
+        for regex, replacement in patterns:
+            key = regex.sub(replacement, key)
+        if key in result:
+            raise UserError(f"model.load: two file keys become {key!r} after the renaming "
+                            f"rules (one of them is {original!r})")
+        result[key] = tensor
+    return result
+
+
+def _sort_keys(renamed: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+               include: list[str], exclude: list[str], report: LoadReport
+               ) -> dict[str, torch.Tensor]:
+    """Put each renamed file key in ``excluded``, ``unexpected``, ``mismatched`` or the result."""
+    for rule, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(k, pattern) for k in renamed):
+                report.notes.append(f"{rule} pattern {pattern!r} matched no key of the file")
     to_load = {}
     for key, tensor in renamed.items():
         if (include and not _matches(key, include)) or _matches(key, exclude):
@@ -169,31 +301,10 @@ def load_partial(
                                       "model_shape": list(target[key].shape)})
         else:
             to_load[key] = tensor
-    report.loaded = sorted(to_load)
-    report.missing = sorted(set(target) - set(to_load))
-    if report.mismatched and on_shape_mismatch == "error":
-        shapes = [f"{m['key']}: file {m['file_shape']} vs model {m['model_shape']}"
-                  for m in report.mismatched]
-        raise UserError(f"{name}: tensors with the wrong shape (on_shape_mismatch: error)", shapes)
-    if strict:
-        _check_strict(report, list(new_head))
-    if report.almost_nothing_loaded:
-        report.suggestion = _suggest_prefix(file_state, target)
-    model.load_state_dict(to_load, strict=False)
-    return report
-
-
-def _renamed(state: Mapping[str, torch.Tensor], strip: tuple[str, ...], add: str,
-             rename: dict[str, str]) -> dict[str, torch.Tensor]:
-    result = {}
-    for key, tensor in state.items():
-        for prefix in strip:
-            key = key.removeprefix(prefix)
-        key = add + key
-        for pattern, replacement in rename.items():
-            key = re.sub(pattern, replacement, key)
-        result[key] = tensor
-    return result
+    report.excluded.sort()
+    report.unexpected.sort()
+    report.mismatched.sort(key=lambda item: item["key"])
+    return to_load
 
 
 def _matches(key: str, patterns: list[str]) -> bool:
@@ -203,22 +314,31 @@ def _matches(key: str, patterns: list[str]) -> bool:
 def _check_strict(report: LoadReport, new_head: list[str]) -> None:
     unloaded = [key for key in report.missing if not _matches(key, new_head)]
     if unloaded:
-        raise UserError(f"{report.source}: strict load left {len(unloaded)} model tensors "
-                        "unloaded", unloaded[:20])
+        raise UserError(f"{report.source}: strict load (model.load.strict) left "
+                        f"{len(unloaded)} of the model's tensors unloaded", unloaded[:20])
 
 
-def _suggest_prefix(file_state: Mapping[str, torch.Tensor], target: Mapping) -> str | None:
-    """The prefix rule under which most file keys would find a model key, if any helps."""
+def suggest_rule(file_state: Mapping[str, torch.Tensor], target: Mapping[str, Any]) -> str:
+    """The ``strip_prefix`` or ``add_prefix`` rule under which most file keys match the model.
+
+    Tried: the most common first components of the file's keys, and ``COMMON_PREFIXES``.
+    Without a helpful rule, example keys of both sides show how they differ.
+    """
     first_parts = Counter(key.split(".", 1)[0] + "." for key in file_state if "." in key)
-    candidates = {f"strip_prefix: [{p}]": p for p, _ in first_parts.most_common(3)}
-    candidates.update({f"strip_prefix: [{p}]": p for p in COMMON_PREFIXES})
-    best, best_hits = None, sum(key in target for key in file_state)
-    for rule, prefix in candidates.items():
-        hits = sum(key.removeprefix(prefix) in target for key in file_state)
+    strips = {p for p, _ in first_parts.most_common(3)} | set(COMMON_PREFIXES)
+    model_parts = Counter(key.split(".", 1)[0] + "." for key in target if "." in key)
+    adds = {p for p, _ in model_parts.most_common(3)} | set(COMMON_PREFIXES)
+    candidates = [(f"strip_prefix: [{p}]", lambda k, p=p: k.removeprefix(p))
+                  for p in sorted(strips)]
+    candidates += [(f"add_prefix: {p}", lambda k, p=p: p + k) for p in sorted(adds)]
+    best, best_hits = None, sum(k in target for k in file_state)
+    for rule, change in candidates:
+        hits = sum(change(k) in target for k in file_state)
         if hits > best_hits:
             best, best_hits = rule, hits
-    for prefix in COMMON_PREFIXES:
-        hits = sum(prefix + key in target for key in file_state)
-        if hits > best_hits:
-            best, best_hits = f"add_prefix: {prefix}", hits
-    return f"{best} would match {best_hits} of {len(file_state)} keys" if best else None
+    if best is not None:
+        return f"model.load: {{{best}}} would match {best_hits} of {len(file_state)} file keys"
+    file_example = next(iter(file_state), "(none)")
+    model_example = next(iter(target), "(none)")
+    return (f"no prefix rule helps: file keys look like {file_example!r}, model keys like "
+            f"{model_example!r}; try model.load.rename")

@@ -119,7 +119,7 @@ def test_section_keys_mirror_factory_arguments():
     """`model:` -> build_model(**model), `freeze:` -> freeze(**freeze), and so on."""
     from finetune.freeze import freeze
     from finetune.model import build_model
-    from finetune.optim import build_optimizer, param_groups
+    from finetune.optim import build_optimizer, lr_scale_factor, param_groups
     from finetune.recipe import FreezeConfig, ModelConfig, OptimizerConfig, SchedulerConfig
     from finetune.schedule import build_scheduler
 
@@ -129,11 +129,12 @@ def test_section_keys_mirror_factory_arguments():
     assert set(ModelConfig.model_fields) <= arguments(build_model)
     assert set(FreezeConfig.model_fields) <= arguments(freeze)
     assert set(SchedulerConfig.model_fields) <= arguments(build_scheduler)
-    optimizer_keys = set(OptimizerConfig.model_fields) - {"param_groups", "no_decay"}
-    assert {"name", "lr"} <= arguments(build_optimizer)
-    assert {"lr", "weight_decay", "no_decay"} <= arguments(param_groups)
-    assert optimizer_keys - {"name", "lr"} <= {"weight_decay", "momentum", "nesterov", "betas",
-                                                "eps", "alpha"}
+    group_keys = {"param_groups", "no_decay", "layer_decay"}  # -> param_groups()
+    scaling_keys = {"lr_scaling", "base_batch_size"}  # -> lr_scale_factor()
+    optimizer_keys = set(OptimizerConfig.model_fields) - group_keys - scaling_keys
+    assert optimizer_keys <= arguments(build_optimizer)
+    assert {"lr", "weight_decay", "no_decay", "layer_decay", "rules"} <= arguments(param_groups)
+    assert scaling_keys <= arguments(lr_scale_factor)
 
 
 def test_recipe_keys_lists_nested_keys():

@@ -1,0 +1,145 @@
+"""``finetune plan``: counts checked against the model's own parameters, text and JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+from finetune.errors import UserError
+from finetune.plan import build_plan, plan_to_dict, print_load_report, print_plan
+from finetune.recipe import Recipe
+from tests.conftest import run_cli, tiny_recipe, write_recipe
+
+SURGERY = {
+    "freeze": {"until": "layer3", "patterns": ["layer4.0.conv1.*"], "batchnorm": "frozen",
+               "unfreeze": [{"epoch": 3, "patterns": ["layer2.*"], "lr": 1.0e-3},
+                            {"epoch": 5, "patterns": ["layer1.*"]}]},
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1.0e-4,
+                  "no_decay": True, "param_groups": [{"match": "fc.*", "lr": 0.5},
+                                                     {"match": "layer4.*", "lr_mult": 0.1}]},
+}
+
+
+def _independent_counts() -> dict[str, int]:
+    """What the plan must say, from a fresh timm model's named_parameters()."""
+    model = timm.create_model("test_resnet", num_classes=3)
+    named = dict(model.named_parameters())
+    frozen = {n for n in named if n.startswith(("conv1.", "bn1.", "layer1.", "layer2.",
+                                                "layer4.0.conv1."))}
+    return {
+        "frozen_params": sum(named[n].numel() for n in frozen),
+        "trainable_params": sum(p.numel() for n, p in named.items() if n not in frozen),
+        "frozen_tensors": len(frozen),
+        "trainable_tensors": len(named) - len(frozen),
+        "fc_params": named["fc.weight"].numel() + named["fc.bias"].numel(),
+        "layer2_params": sum(p.numel() for n, p in named.items() if n.startswith("layer2.")),
+        "batchnorms": sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()),
+    }
+
+
+def test_plan_counts_equal_counts_from_named_parameters():
+    info = plan_to_dict(build_plan(Recipe.from_dict(tiny_recipe(**SURGERY))))
+    expected = _independent_counts()
+    for key in ("frozen_params", "trainable_params", "frozen_tensors", "trainable_tensors"):
+        assert info[key] == expected[key], key
+    assert sum(g["params"] for g in info["groups"]) == expected["trainable_params"]
+    assert sum(g["tensors"] for g in info["groups"]) == expected["trainable_tensors"]
+    groups = {g["name"]: g for g in info["groups"]}
+    assert set(groups) == {"default", "default/no_decay", "layer4.*", "layer4.*/no_decay",
+                           "fc.*", "fc.*/no_decay"}
+    assert groups["fc.*"]["params"] + groups["fc.*/no_decay"]["params"] == expected["fc_params"]
+    assert (groups["fc.*"]["lr"], groups["fc.*/no_decay"]["weight_decay"]) == (0.5, 0.0)
+    assert groups["layer4.*"]["lr"] == pytest.approx(0.005)
+    assert len(info["batchnorm"]["frozen_layers"]) == expected["batchnorms"]
+    first, second = info["unfreeze"]
+    assert (first["epoch"], first["lr"], first["params"]) == (3, 1e-3, expected["layer2_params"])
+    assert {g["lr"] for g in first["groups"]} == {1e-3}
+    assert {g["lr"] for g in second["groups"]} == {0.05}  # no lr: the rules' values
+    assert info["load"] is None
+
+
+def test_plan_prints_every_section():
+    console = Console(record=True, width=120)
+    print_plan(build_plan(Recipe.from_dict(tiny_recipe(**SURGERY))), console)
+    text = console.export_text()
+    for expected in ("test_resnet: ", "random initialisation", "parameter groups",
+                     "layer4.*/no_decay", "frozen: conv1 (", "BatchNorm: frozen",
+                     "unfreeze at the start of epoch 3: layer2.*",
+                     "unfreeze@3/default/no_decay"):
+        assert expected in text, expected
+
+
+def test_plan_takes_num_classes_from_an_image_folder(image_folder):
+    recipe = tiny_recipe(model={"backbone": "test_resnet"},
+                         data={"train": {"type": "imagefolder", "root": str(image_folder)}})
+    plan = build_plan(Recipe.from_dict(recipe))
+    assert plan.num_classes == 3 and plan.built.model.fc.out_features == 3
+
+
+def test_plan_needs_a_number_for_the_lr():
+    with pytest.raises(UserError, match="optimizer.lr: 'auto' is found when training starts"):
+        build_plan(Recipe.from_dict(tiny_recipe()).model_copy(
+            update={"optimizer": Recipe.from_dict(tiny_recipe()).optimizer.model_copy(
+                update={"lr": "auto"})}))
+
+
+def test_load_report_warns_loudly_when_almost_nothing_matches(tmp_path):
+    state = {f"encoder.{k}": v for k, v in timm.create_model("test_resnet").state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    recipe = tiny_recipe(model={"backbone": "test_resnet", "num_classes": 3,
+                                "pretrained": str(tmp_path / "w.safetensors")})
+    plan = build_plan(Recipe.from_dict(recipe))
+    console = Console(record=True, width=200)
+    print_load_report(plan.built.load_report, console)
+    text = " ".join(console.export_text().split())
+    assert "WARNING: only 0 of the model's" in text
+    assert "model.load: {strip_prefix: [encoder.]} would match" in text
+
+
+def _weights_with_another_head(tmp_path) -> tuple[dict, dict]:
+    """A DataParallel-style weights file of a 10-class model, and a 3-class recipe loading it."""
+    source = timm.create_model("test_resnet", num_classes=10)
+    save_file({f"module.{k}": v for k, v in source.state_dict().items()},
+              tmp_path / "w.safetensors")
+    recipe = tiny_recipe(**SURGERY, model={"backbone": "test_resnet", "num_classes": 3,
+                                           "pretrained": str(tmp_path / "w.safetensors")})
+    return source.state_dict(), recipe
+
+
+def test_plan_prints_the_load_report_table(tmp_path):
+    _, recipe = _weights_with_another_head(tmp_path)
+    console = Console(record=True, width=200)
+    print_plan(build_plan(Recipe.from_dict(recipe)), console)
+    text = console.export_text()
+    assert "shape mismatch │ 2" in text
+    assert "fc.bias (file [10] vs model [3]), fc.weight (file [10, 96] vs model [3, 96])" in text
+    assert "note: stripped the 'module.' prefix every key carried" in text
+    assert "WARNING" not in text
+
+
+def test_plan_json_from_the_cli(tmp_path):
+    state, recipe = _weights_with_another_head(tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    result = run_cli("plan", str(path), "--json", "--set", "optimizer.lr=0.1")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    expected = _independent_counts()
+    assert info["frozen_params"] == expected["frozen_params"]
+    assert info["trainable_params"] == expected["trainable_params"]
+    assert {g["name"] for g in info["groups"]} >= {"default", "fc.*"}
+    assert {"name", "tensors", "params", "lr", "weight_decay"} <= set(info["groups"][0])
+    assert next(g for g in info["groups"] if g["name"] == "default")["lr"] == 0.1  # --set
+    load = info["load"]
+    assert load["missing"] == ["fc.bias", "fc.weight"] and load["unexpected"] == []
+    assert load["mismatched"] == [
+        {"key": "fc.bias", "file_shape": [10], "model_shape": [3]},
+        {"key": "fc.weight", "file_shape": [10, 96], "model_shape": [3, 96]}]
+    assert len(load["loaded"]) == len(state) - 2
+    assert info["batchnorm"]["policy"] == "frozen"
+    assert [stage["epoch"] for stage in info["unfreeze"]] == [3, 5]
+
