@@ -1,48 +1,480 @@
 """Learning-rate schedules built from torch's own schedulers, with an optional linear warmup.
 
-Every schedule multiplies each parameter group's own base LR, so per-group learning rates from
+Every schedule multiplies each parameter group's own base LR, so the per-group learning rates of
 ``finetune.optim`` keep their ratios through warmup and decay. The loop calls ``scheduler.step()``
-after ``optimizer.step()``: once per optimizer step (``interval: step``) or once per epoch.
+after ``optimizer.step()``: once per optimizer step (``interval: step``) or once per epoch;
+``plateau`` also gets the monitored metric after each evaluation (``PlateauSchedule.step``).
+
+Lengths given in epochs (``warmup_epochs``, ``step_size``, ``milestones``, ``cycle_epochs``) are
+converted to scheduler steps, so a recipe reads the same with either interval. The warmup (a
+``LinearLR`` from ``warmup_start_factor`` to 1) comes first; the schedule then runs over the
+remaining steps inside torch's ``SequentialLR``.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import importlib
+import inspect
 import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.optim import lr_scheduler
+
+from finetune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Span:
+    """How many scheduler steps the run, an epoch and the warmup last."""
+
+    per_epoch: int  # scheduler steps per epoch: optimizer steps, or 1 with interval "epoch"
+    total: int
+    warmup: int
+
+    @property
+    def after_warmup(self) -> int:
+        """Steps left for the schedule proper once the warmup is over."""
+        return max(self.total - self.warmup, 1)
+
+    def steps(self, epochs: float) -> int:
+        """``epochs`` in scheduler steps (at least one)."""
+        return max(1, round(epochs * self.per_epoch))
+
+
+def schedule_span(*, epochs: int, steps_per_epoch: int, interval: str = "step",
+                  warmup_epochs: float = 0.0, warmup_steps: int = 0) -> Span:
+    """The lengths ``build_scheduler`` works with, in scheduler steps.
+
+    ``steps_per_epoch`` counts optimizer steps (batches / accumulation steps). The warmup is
+    ``warmup_steps`` or ``warmup_epochs`` rounded up, and always leaves at least one step.
+    """
+    per_epoch = steps_per_epoch if interval == "step" else 1
+    total = epochs * per_epoch
+    warmup = warmup_steps or (math.ceil(warmup_epochs * per_epoch) if warmup_epochs else 0)
+    return Span(per_epoch=per_epoch, total=total, warmup=min(warmup, max(total - 1, 0)))
+
+
+# --------------------------------------------------------------------------------- the schedules
+# Each builder takes the options it uses by name (the others arrive in ``**_``) and returns the
+# torch scheduler that runs after the warmup, over ``span.after_warmup`` steps.
+def _constant(optimizer: torch.optim.Optimizer, span: Span, **_: Any) -> lr_scheduler.LRScheduler:
+    return lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _step(optimizer: torch.optim.Optimizer, span: Span, *, step_size: int, gamma: float | None,
+          **_: Any) -> lr_scheduler.LRScheduler:
+    return lr_scheduler.StepLR(optimizer, step_size=span.steps(step_size),
+                               gamma=0.1 if gamma is None else gamma)
+
+
+def _multistep(optimizer: torch.optim.Optimizer, span: Span, *, milestones: Sequence[int],
+               gamma: float | None, **_: Any) -> lr_scheduler.LRScheduler:
+    # Milestones count epochs from the start of training; the schedule starts after the warmup.
+    steps = [span.steps(epoch) - span.warmup for epoch in milestones]
+    if not milestones or any(step <= 0 for step in steps):
+        raise UserError(f"scheduler.milestones: {list(milestones)} must be epochs after the "
+                        f"warmup ({span.warmup} steps)")
+    return lr_scheduler.MultiStepLR(optimizer, milestones=steps,
+                                    gamma=0.1 if gamma is None else gamma)
+
+
+def _exponential(optimizer: torch.optim.Optimizer, span: Span, *, gamma: float | None,
+                 **_: Any) -> lr_scheduler.LRScheduler:
+    if gamma is None:
+        raise UserError("scheduler.gamma: exponential needs the LR factor per epoch, e.g. 0.95")
+    return lr_scheduler.ExponentialLR(optimizer, gamma=gamma ** (1 / span.per_epoch))
+
+
+def _cosine(optimizer: torch.optim.Optimizer, span: Span, *, min_lr: float,
+            cycle_epochs: float | None, cycle_mult: int, lr_scale: float,
+            **_: Any) -> lr_scheduler.LRScheduler:
+    if cycle_epochs is None:
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=span.after_warmup,
+                                              eta_min=min_lr * lr_scale)
+    return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=span.steps(cycle_epochs),
+                                                    T_mult=cycle_mult, eta_min=min_lr * lr_scale)
+
+
+def _poly(optimizer: torch.optim.Optimizer, span: Span, *, power: float,
+          **_: Any) -> lr_scheduler.LRScheduler:
+    return lr_scheduler.PolynomialLR(optimizer, total_iters=span.after_warmup, power=power)
+
+
+def _peak_lrs(optimizer: torch.optim.Optimizer, max_lr: float | None, lr_scale: float,
+              name: str) -> list[float]:
+    """``max_lr`` is the peak of a group at the optimizer's own LR; others keep their ratio."""
+    if max_lr is None:
+        raise UserError(f"scheduler.max_lr: {name} needs the peak learning rate")
+    reference = optimizer.defaults["lr"]
+    return [max_lr * lr_scale * group["lr"] / reference for group in optimizer.param_groups]
+
+
+def _cyclic(optimizer: torch.optim.Optimizer, span: Span, *, max_lr: float | None,
+            lr_scale: float, cycle_epochs: float | None, cycle_mode: str, gamma: float | None,
+            cycle_momentum: bool, **_: Any) -> lr_scheduler.LRScheduler:
+    cycle = span.after_warmup if cycle_epochs is None else span.steps(cycle_epochs)
+    up = max(cycle // 2, 1)
+    return lr_scheduler.CyclicLR(
+        optimizer, base_lr=[group["lr"] for group in optimizer.param_groups],
+        max_lr=_peak_lrs(optimizer, max_lr, lr_scale, "cyclic"), step_size_up=up,
+        step_size_down=max(cycle - up, 1), mode=cycle_mode,
+        gamma=1.0 if gamma is None else gamma ** (1 / span.per_epoch),  # exp_range, per epoch
+        cycle_momentum=cycle_momentum)
+
+
+def _onecycle(optimizer: torch.optim.Optimizer, span: Span, *, max_lr: float | None,
+              lr_scale: float, pct_start: float, div_factor: float, final_div_factor: float,
+              cycle_momentum: bool, **_: Any) -> lr_scheduler.LRScheduler:
+    return lr_scheduler.OneCycleLR(
+        optimizer, max_lr=_peak_lrs(optimizer, max_lr, lr_scale, "onecycle"),
+        total_steps=span.after_warmup, pct_start=pct_start, div_factor=div_factor,
+        final_div_factor=final_div_factor, cycle_momentum=cycle_momentum)
+
+
+def _lambda(optimizer: torch.optim.Optimizer, span: Span, *,
+            lambdas: str | Mapping[str, str] | None, **_: Any) -> lr_scheduler.LRScheduler:
+    if lambdas is None:
+        raise UserError("scheduler.lambdas: the lambda schedule needs 'package.module:function' "
+                        "(or one per parameter group)")
+    return GroupLambdaLR(optimizer, lambdas, total_steps=span.after_warmup)
+
+
+SCHEDULES: dict[str, Callable[..., lr_scheduler.LRScheduler]] = {
+    "constant": _constant,
+    "none": _constant,  # the same: the LR stays where the warmup left it
+    "step": _step,
+    "multistep": _multistep,
+    "exponential": _exponential,
+    "cosine": _cosine,
+    "poly": _poly,
+    "cyclic": _cyclic,
+    "onecycle": _onecycle,
+    "lambda": _lambda,
+}
+
+
+def list_schedules() -> list[str]:
+    """Every ``scheduler.name``: the builders above and ``plateau`` (``PlateauSchedule``)."""
+    return [*SCHEDULES, "plateau"]
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
-    name: str,
     epochs: int,
     steps_per_epoch: int,
+    lr_scale: float = 1.0,
+    name: str = "cosine",
     interval: str = "step",
     warmup_epochs: float = 0.0,
+    warmup_steps: int = 0,
     warmup_start_factor: float = 0.1,
     min_lr: float = 0.0,
     step_size: int = 10,
-    gamma: float = 0.1,
-) -> lr_scheduler.LRScheduler:
-    """The scheduler for ``name`` (``none``, ``cosine``, ``step``), preceded by a warmup.
+    milestones: Sequence[int] = (),
+    gamma: float | None = None,
+    cycle_epochs: float | None = None,
+    cycle_mult: int = 1,
+    cycle_mode: str = "triangular",
+    cycle_momentum: bool = False,
+    max_lr: float | None = None,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    power: float = 1.0,
+    monitor: str = "val/loss",
+    mode: str = "auto",
+    factor: float = 0.1,
+    patience: int = 10,
+    lambdas: str | Mapping[str, str] | None = None,
+) -> lr_scheduler.LRScheduler | PlateauSchedule:
+    """The scheduler ``name`` over ``optimizer``, preceded by a linear warmup when one is asked.
 
-    Lengths are counted in the unit of ``interval``: with ``step``, ``epochs * steps_per_epoch``
-    scheduler steps; ``step_size`` is always in epochs.
+    Call ``step()`` after every ``optimizer.step()`` with ``interval="step"``, or once per epoch
+    with ``interval="epoch"``. The keyword arguments are the recipe's ``scheduler:`` keys.
+
+    Args:
+        epochs: length of the run.
+        steps_per_epoch: optimizer steps per epoch (batches / gradient accumulation steps).
+        lr_scale: the batch-size factor already applied to the optimizer's LRs
+            (``finetune.optim.lr_scale_factor``); absolute LRs here (``min_lr``, ``max_lr``)
+            get it too.
+        name: constant (or none), step, multistep, exponential, cosine, plateau, lambda, cyclic,
+            onecycle or poly.
+        step_size: step: multiply by ``gamma`` every ``step_size`` epochs after the warmup.
+        milestones: multistep: epochs (from the start of training) at which to multiply by
+            ``gamma``.
+        gamma: step and multistep (default 0.1); exponential (required) and cyclic
+            ``exp_range``: the factor per epoch.
+        min_lr: cosine and plateau: the lowest LR.
+        cycle_epochs: cosine: restart every ``cycle_epochs`` (``CosineAnnealingWarmRestarts``),
+            each cycle ``cycle_mult`` times longer than the last; cyclic: the length of a cycle
+            (up then down). Default: one cycle over the run.
+        max_lr: cyclic and onecycle (required): the peak LR of a group whose base LR is the
+            optimizer's ``lr``; every other group peaks in proportion to its own base LR.
+        cycle_mode, cycle_momentum: cyclic (``CyclicLR``'s ``mode``); both: also cycle the
+            momentum (or beta1) inversely, as torch does by default (off here).
+        pct_start, div_factor, final_div_factor: onecycle, as ``OneCycleLR`` takes them.
+        power: poly: the exponent of the decay to zero.
+        monitor, mode, factor, patience: plateau: multiply by ``factor`` when ``monitor`` has
+            not improved for ``patience`` epochs (``mode`` auto: max for accuracies, else min).
+        lambdas: lambda: ``"package.module:function"`` for every group, or a mapping of group
+            names or globs (and ``default``) to such paths; see ``GroupLambdaLR``.
+
+    Example:
+        >>> scheduler = build_scheduler(optimizer, epochs=10, steps_per_epoch=50, name="cosine",
+        ...                             warmup_epochs=1, min_lr=1e-5)
     """
-    per_epoch = steps_per_epoch if interval == "step" else 1
-    total = epochs * per_epoch
-    warmup = min(math.ceil(warmup_epochs * per_epoch), total - 1) if warmup_epochs else 0
-    remaining = total - warmup
-    if name == "cosine":
-        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(remaining, 1), eta_min=min_lr)
-    elif name == "step":
-        main = lr_scheduler.StepLR(optimizer, step_size=step_size * per_epoch, gamma=gamma)
-    else:
-        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    if warmup == 0:
+    span = schedule_span(epochs=epochs, steps_per_epoch=steps_per_epoch, interval=interval,
+                         warmup_epochs=warmup_epochs, warmup_steps=warmup_steps)
+    if name == "plateau":
+        return PlateauSchedule(optimizer, monitor=monitor, mode=mode, factor=factor,
+                               patience=patience, min_lr=min_lr * lr_scale,
+                               warmup_steps=span.warmup, warmup_start_factor=warmup_start_factor)
+    if name not in SCHEDULES:
+        raise UserError(f"scheduler.name: unknown schedule {name!r}; known: "
+                        f"{', '.join(list_schedules())}")
+    options = dict(lr_scale=lr_scale, min_lr=min_lr, step_size=step_size, milestones=milestones,
+                   gamma=gamma, cycle_epochs=cycle_epochs, cycle_mult=cycle_mult,
+                   cycle_mode=cycle_mode, cycle_momentum=cycle_momentum, max_lr=max_lr,
+                   pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div_factor,
+                   power=power, lambdas=lambdas)
+    try:
+        main = SCHEDULES[name](optimizer, span, **options)
+    except ValueError as error:  # torch's own checks, e.g. momentum cycling without momentum
+        raise UserError(f"scheduler: {name}: {error}") from None
+    if span.warmup == 0:
         return main
     ramp = lr_scheduler.LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0,
-                                 total_iters=warmup)
-    return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+                                 total_iters=span.warmup)
+    return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[span.warmup])
+
+
+# ------------------------------------------------------------------------------------- plateau
+class PlateauSchedule:
+    """``ReduceLROnPlateau`` after an optional linear warmup.
+
+    ``step()`` (each optimizer step or epoch, as ``interval`` says) advances the warmup and does
+    nothing afterwards; ``step(metric)``, which the loop calls after each evaluation with the
+    value of ``monitor``, lets ``ReduceLROnPlateau`` decide once the warmup is over.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, monitor: str = "val/loss",
+                 mode: str = "auto", factor: float = 0.1, patience: int = 10,
+                 min_lr: float = 0.0, warmup_steps: int = 0,
+                 warmup_start_factor: float = 0.1) -> None:
+        if mode == "auto":
+            mode = "min" if monitor.endswith("loss") else "max"
+        self.optimizer, self.monitor, self.warmup_steps = optimizer, monitor, warmup_steps
+        self.ticks = 0  # warmup steps taken
+        self.plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor,
+                                                      patience=patience, min_lr=min_lr)
+        self.warmup = (lr_scheduler.LinearLR(optimizer, start_factor=warmup_start_factor,
+                                             total_iters=warmup_steps) if warmup_steps else None)
+        # Listed like SequentialLR's, so code that adds parameter groups finds both.
+        self._schedulers = [s for s in (self.warmup, self.plateau) if s is not None]
+
+    def step(self, metric: float | None = None) -> None:
+        """Without ``metric``: one interval (warmup); with it: one evaluation (plateau)."""
+        if metric is None:
+            if self.warmup is not None and self.ticks < self.warmup_steps:
+                self.warmup.step()
+                self.ticks += 1
+        elif self.ticks >= self.warmup_steps:
+            self.plateau.step(metric)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ticks": self.ticks, "plateau": self.plateau.state_dict(),
+                "warmup": self.warmup.state_dict() if self.warmup is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ticks = state["ticks"]
+        self.plateau.load_state_dict(state["plateau"])
+        if self.warmup is not None and state["warmup"] is not None:
+            self.warmup.load_state_dict(state["warmup"])
+
+
+# -------------------------------------------------------------------------------------- lambda
+class GroupLambdaLR(lr_scheduler.LambdaLR):
+    """``LambdaLR`` with a function per parameter group, named by import path.
+
+    ``lambdas`` is one ``"package.module:function"`` for every group, or a mapping whose keys
+    are group names or globs over them, plus an optional ``default`` for the rest; the first key
+    that matches wins. A group matches its ``name`` and its ``rule`` (the ``match`` of the
+    ``optimizer.param_groups`` rule that made it), so ``fc.*`` also covers ``fc.*/no_decay``.
+    A function takes the step (counted from the end of the warmup) and returns the factor for
+    the group's base LR; one that also takes ``total_steps`` gets the length of the schedule.
+
+    ``state_dict()`` leaves the functions out: they are named by the recipe, not saved, which
+    keeps a checkpoint loadable with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lambdas: str | Mapping[str, str],
+                 total_steps: int) -> None:
+        self.lambdas, self.total_steps = lambdas, total_steps
+        groups = optimizer.param_groups
+        if not isinstance(lambdas, str):
+            unused = [key for key in lambdas if key != "default"
+                      and not any(_group_matches(group, index, key)
+                                  for index, group in enumerate(groups))]
+            if unused:
+                names = ", ".join(_group_name(group, i) for i, group in enumerate(groups))
+                raise UserError(f"scheduler.lambdas: {', '.join(map(repr, unused))} matches no "
+                                f"parameter group; groups: {names}")
+        super().__init__(optimizer, [self._function(group, i) for i, group in enumerate(groups)])
+
+    def _function(self, group: Mapping[str, Any], index: int) -> Callable[[int], float]:
+        if isinstance(self.lambdas, str):
+            path = self.lambdas
+        else:
+            path = next((path for key, path in self.lambdas.items()
+                         if key != "default" and _group_matches(group, index, key)),
+                        self.lambdas.get("default"))
+        if path is None:
+            raise UserError(f"scheduler.lambdas: no function for parameter group "
+                            f"{_group_name(group, index)!r}; add a `default` entry")
+        function = load_callable(path, key="scheduler.lambdas")
+        try:
+            takes_total = "total_steps" in inspect.signature(function).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            takes_total = False
+        if takes_total:
+            return functools.partial(function, total_steps=self.total_steps)
+        return function
+
+    def get_lr(self) -> list[float | torch.Tensor]:
+        # Groups added later (gradual unfreezing) get their function like the others.
+        groups = self.optimizer.param_groups
+        for index in range(len(self.lr_lambdas), len(groups)):
+            self.lr_lambdas.append(self._function(groups[index], index))
+        return super().get_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["lr_lambdas"] = [None] * len(self.lr_lambdas)
+        return state
+
+
+def _group_name(group: Mapping[str, Any], index: int) -> str:
+    return str(group.get("name", index))
+
+
+def _group_matches(group: Mapping[str, Any], index: int, key: str) -> bool:
+    name = _group_name(group, index)
+    return key in (name, group.get("rule")) or fnmatch.fnmatchcase(name, key)
+
+
+def load_callable(path: str, *, key: str) -> Callable[..., Any]:
+    """The object ``"package.module:name"`` points at; ``key`` names the recipe key in errors."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UserError(f"{key}: {path!r} is not an import path 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(f"{key}: cannot import {module_name!r} ({error})") from None
+    target = getattr(module, attribute, None)
+    if not callable(target):
+        raise UserError(f"{key}: {module_name} has no function {attribute!r}")
+    return target
+
+
+# ------------------------------------------------------------------------------------- preview
+def lr_curve(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
+             steps_per_epoch: int, lr_scale: float = 1.0, **scheduler: Any
+             ) -> tuple[Span, dict[str, list[float]]]:
+    """Each group's LR at every scheduler step, from the real scheduler on a throwaway optimizer.
+
+    Args:
+        groups: parameter groups with ``name`` and ``lr`` (``finetune.optim.param_groups``).
+        lr: the optimizer's own LR (``optimizer.lr``), which ``max_lr`` is relative to.
+        scheduler: the ``scheduler:`` keys, as for ``build_scheduler``.
+
+    Returns:
+        The span and, by group name, the LR used by each of the ``span.total`` steps. A
+        ``plateau`` schedule gets no metric here: its reductions depend on the run.
+    """
+    dummies = [{"params": [torch.zeros(1, requires_grad=True)], "lr": group["lr"] * lr_scale,
+                "name": str(group.get("name", index)), "rule": group.get("rule")}
+               for index, group in enumerate(groups)]
+    optimizer = torch.optim.SGD(dummies, lr=lr * lr_scale, momentum=0.9)
+    schedule = build_scheduler(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                               lr_scale=lr_scale, **scheduler)
+    span = schedule_span(epochs=epochs, steps_per_epoch=steps_per_epoch,
+                         interval=scheduler.get("interval", "step"),
+                         warmup_epochs=scheduler.get("warmup_epochs", 0.0),
+                         warmup_steps=scheduler.get("warmup_steps", 0))
+    curves: dict[str, list[float]] = {group["name"]: [] for group in dummies}
+    for _ in range(span.total):
+        for group in optimizer.param_groups:
+            curves[group["name"]].append(float(group["lr"]))
+        optimizer.step()  # no gradients: changes nothing, but keeps torch's step order
+        schedule.step()
+    return span, curves
+
+
+def preview_lrs(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
+                steps_per_epoch: int, lr_scale: float = 1.0, points: Sequence[int] = (),
+                **scheduler: Any) -> dict[str, list[tuple[str, int, float]]]:
+    """Each group's LR at the start, the end of the warmup, the middle and the end of the run.
+
+    Same arguments as ``lr_curve``; ``points`` adds steps of your choice. Steps count scheduler
+    steps: optimizer steps, or epochs with ``interval: epoch``.
+
+    Returns:
+        ``{group name: [(label, step, lr), ...]}``, e.g. ``("warmup end", 50, 0.01)``.
+
+    Example:
+        >>> preview_lrs(groups, lr=0.01, epochs=10, steps_per_epoch=50, name="cosine",
+        ...             warmup_epochs=1)["default"][0]
+        ('start', 0, 0.001)
+    """
+    span, curves = lr_curve(groups, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                            lr_scale=lr_scale, **scheduler)
+    marks = [("start", 0)]
+    if span.warmup:
+        marks.append(("warmup end", span.warmup))
+    marks += [("middle", span.total // 2), ("end", span.total - 1)]
+    marks += [(f"step {step}", step) for step in points if 0 <= step < span.total]
+    return {name: [(label, step, values[step]) for label, step in marks]
+            for name, values in curves.items()}
+
+
+def plot_lr_schedule(path: str | Path, groups: Sequence[Mapping[str, Any]], *, lr: float,
+                     epochs: int, steps_per_epoch: int, lr_scale: float = 1.0,
+                     **scheduler: Any) -> Path:
+    """Write ``lr_schedule.png`` (or ``path`` if it names a ``.png``): each group's LR by epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    span, curves = lr_curve(groups, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                            lr_scale=lr_scale, **scheduler)
+    path = Path(path)
+    path = path if path.suffix == ".png" else path / "lr_schedule.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axis = plt.subplots(figsize=(6.4, 3.6))
+    for name, values in curves.items():
+        axis.plot([step / span.per_epoch for step in range(span.total)], values, label=name)
+    if span.warmup:
+        axis.axvline(span.warmup / span.per_epoch, color="grey", linestyle=":", linewidth=1)
+    title = scheduler.get("name", "cosine")
+    axis.set_title(f"{title}: LR per group" + (" (no reductions shown)" if title == "plateau"
+                                                else ""))
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("learning rate")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
