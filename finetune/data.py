@@ -1,128 +1,173 @@
-"""Datasets, transforms and loaders: from the recipe's ``data:`` section to batches.
+"""From the recipe's ``data:`` section to batches: splits, checks, samplers and loaders.
 
-Each source yields PIL RGB images and integer labels; transforms (torchvision v2) resize, augment,
-convert to float and normalise exactly once. Class names travel with the datasets so that the run
-folder's ``classes.json`` maps every output index to a name.
+``build_datasets`` opens the sources (``finetune.sources``), checks them against each other before
+any training (class sets, label ranges, empty splits), resolves the normalisation
+(``finetune.stats``) and wraps each split with its transform (``finetune.augment``).
+``build_loader`` and ``build_train_sampler`` make the loaders: seeded, sharded over processes,
+optionally class-balanced.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
+from finetune.augment import build_transforms
+from finetune.distributed import ShuffleShardSampler
 from finetune.errors import UserError
-from finetune.recipe import DataConfig, DigitsSource, FakeSource, ImageFolderSource
+from finetune.recipe import DataConfig
+from finetune.sources import BadImageError, ImageSource, load_rgb, open_source
+from finetune.stats import Normalization, normalization, resolve_normalization
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Also importable from here, where they lived before (finetune.export and older user code).
+__all__ = ["Datasets", "Split", "build_datasets", "build_loader", "build_train_sampler",
+           "build_transforms", "class_weights", "load_rgb", "normalization", "resolve_num_workers",
+           "skipped_images", "stratified_split"]
+
+
+class Split(Dataset):
+    """Items ``indices`` of ``source`` (all by default) through ``transform``: (image, label).
+
+    With ``on_bad_image="skip"``, an unreadable image is replaced by the next readable item of the
+    split (as timm does), so batches keep their size; each one is counted (``take_skipped``) and
+    warned about. With ``"error"`` it raises, naming the file.
+    """
+
+    def __init__(self, source: ImageSource, indices: Sequence[int] | None = None,
+                 transform: Callable[[Any], Any] | None = None, on_bad_image: str = "error"
+                 ) -> None:
+        self.source = source
+        self.indices = list(range(len(source))) if indices is None else list(indices)
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+        self._skipped = multiprocessing.Value("q", 0)  # shared with loader worker processes
+
+    @property
+    def classes(self) -> list[str]:
+        return self.source.classes
+
+    @property
+    def targets(self) -> list[int]:
+        return [self.source.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for step in range(len(self)):
+            try:
+                image, label = self.source[self.indices[(index + step) % len(self)]]
+            except BadImageError as error:
+                if self.on_bad_image == "error":
+                    raise BadImageError(f"{error}; fix or remove the file, or set "
+                                        "data.on_bad_image: skip") from None
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                warnings.warn(f"skipped: {error}", stacklevel=2)
+                continue
+            return (self.transform(image) if self.transform else image), label
+        origin = getattr(self.source, "origin", "the data")
+        raise UserError(f"{origin}: none of the {len(self)} images of this split can be read")
+
+    def take_skipped(self) -> int:
+        """Images skipped since the last call (by this process and its loader workers)."""
+        with self._skipped.get_lock():
+            count, self._skipped.value = self._skipped.value, 0
+        return count
 
 
 @dataclass
 class Datasets:
-    train: Dataset
-    val: Dataset
+    """The training and validation splits, the class names, the normalisation used and the
+    loss weight of each class (``None``: unweighted)."""
+
+    train: Split
+    val: Split
     classes: list[str]
+    normalization: Normalization
+    class_weights: torch.Tensor | None = None
 
 
-# ---------------------------------------------------------------------------------------- sources
-class DigitsDataset(Dataset):
-    """scikit-learn's 8x8 handwritten digits as RGB PIL images, labels relabelled 0..k-1."""
+def build_datasets(data: DataConfig, *, seed: int, pretrained_cfg: dict[str, Any] | None = None,
+                   num_classes: int | None = None) -> Datasets:
+    """Open, check and split the sources; resolve the normalisation; attach the transforms.
 
-    def __init__(self, source: DigitsSource, transform: v2.Transform | None = None) -> None:
-        from sklearn.datasets import load_digits
+    Args:
+        data: the recipe's ``data`` section.
+        seed: for ``val_split``'s stratified choice.
+        pretrained_cfg: the backbone's pretrained config (``mean``, ``std``) for ``auto``.
+        num_classes: ``model.num_classes`` when given: the data must have that many classes.
 
-        digits = load_digits()
-        indices = _digits_split(digits.target, source.split)
-        keep = [i for i in indices if digits.target[i] in source.classes]
-        if source.per_class is not None:
-            keep = _first_per_class(keep, digits.target, source.per_class, source.seed)
-        relabel = {digit: index for index, digit in enumerate(source.classes)}
-        pixels = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)
-        self.images = [Image.fromarray(img, mode="L").convert("RGB") for img in pixels]
-        self.targets = [relabel[int(digits.target[i])] for i in keep]
-        self.classes = [str(digit) for digit in source.classes]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[object, int]:
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), self.targets[index]
-
-
-def _digits_split(targets: np.ndarray, split: str) -> list[int]:
-    """A fixed stratified 80/20 split: every fifth image of each digit is validation."""
-    if split == "all":
-        return list(range(len(targets)))
-    position = np.zeros(len(targets), dtype=int)
-    for digit in np.unique(targets):
-        where = np.flatnonzero(targets == digit)
-        position[where] = np.arange(len(where))
-    is_val = position % 5 == 4
-    return [i for i in range(len(targets)) if is_val[i] == (split == "val")]
-
-
-def _first_per_class(indices: list[int], targets: np.ndarray, per_class: int, seed: int
-                     ) -> list[int]:
-    order = np.random.default_rng(seed).permutation(indices)
-    kept: dict[int, list[int]] = {}
-    for index in order:
-        bucket = kept.setdefault(int(targets[index]), [])
-        if len(bucket) < per_class:
-            bucket.append(int(index))
-    return sorted(i for bucket in kept.values() for i in bucket)
+    Raises:
+        UserError: naming the folder or file, for one class, different classes in train and val,
+            an empty split, labels out of range, or a class count that differs from
+            ``num_classes``.
+    """
+    size = data.image_size
+    train_source = open_source(data.train, key="data.train", image_size=size,
+                               num_classes=num_classes)
+    classes = list(train_source.classes)
+    _check_classes(classes, num_classes, _where("data.train", train_source))
+    if data.val is not None:
+        val_source = open_source(data.val, key="data.val", image_size=size,
+                                 num_classes=len(classes))
+        _check_same_classes(classes, list(val_source.classes), _where("data.train", train_source),
+                            _where("data.val", val_source))
+        train_idx, val_idx = None, None
+    else:
+        val_source = train_source
+        train_idx, val_idx = stratified_split(train_source.targets, data.val_split, seed)
+        if not val_idx:
+            raise UserError(f"data.val_split: {_where('data.train', train_source)} has too few "
+                            "images per class to hold any out for validation")
+    norm = resolve_normalization(data, pretrained_cfg or {}, train=train_source, indices=train_idx,
+                                 num_workers=resolve_num_workers(data.num_workers))
+    train = Split(train_source, train_idx, build_transforms(data, norm.mean, norm.std, True),
+                  data.on_bad_image)
+    val = Split(val_source, val_idx, build_transforms(data, norm.mean, norm.std, False),
+                data.on_bad_image)
+    for key, split in (("data.train", train), ("data.val", val)):
+        if len(split) == 0:
+            raise UserError(f"{_where(key, split.source)}: the dataset is empty")
+    weights = class_weights(data.class_weights, train.targets, len(classes))
+    return Datasets(train, val, classes, norm, weights)
 
 
-def _imagefolder(root: Path, transform: v2.Transform) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
-    try:
-        return ImageFolder(str(root), transform=transform, loader=load_rgb)
-    except (FileNotFoundError, RuntimeError) as error:
-        raise UserError(f"data: {root}: {error}") from None
+def _where(key: str, source: ImageSource) -> str:
+    origin = getattr(source, "origin", None)
+    return f"{key} ({origin})" if origin is not None else key
 
 
-def load_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        raise UserError(f"data: cannot read image {path}: {error}") from None
+def _check_classes(classes: list[str], num_classes: int | None, where: str) -> None:
+    if len(classes) < 2:
+        raise UserError(f"{where}: found {len(classes)} class ({', '.join(classes)}); training "
+                        "needs at least two")
+    if num_classes is not None and num_classes != len(classes):
+        raise UserError(f"model.num_classes is {num_classes} but {where} has {len(classes)} "
+                        f"classes: {classes}")
 
 
-def _fake(source: FakeSource, image_size: int, transform: v2.Transform) -> Dataset:
-    from torchvision.datasets import FakeData
-
-    dataset = FakeData(size=source.num_samples, image_size=(3, image_size, image_size),
-                       num_classes=source.num_classes, transform=transform,
-                       random_offset=source.seed * 1_000_003)
-    dataset.classes = [f"class_{i}" for i in range(source.num_classes)]
-    return dataset
-
-
-def _open_source(source, image_size: int, transform: v2.Transform) -> Dataset:
-    if isinstance(source, ImageFolderSource):
-        return _imagefolder(source.root, transform)
-    if isinstance(source, DigitsSource):
-        return DigitsDataset(source, transform)
-    return _fake(source, image_size, transform)
-
-
-def _labels(dataset: Dataset) -> list[int]:
-    return list(dataset.targets) if hasattr(dataset, "targets") else [
-        int(dataset[i][1]) for i in range(len(dataset))]
+def _check_same_classes(train: list[str], val: list[str], train_where: str, val_where: str
+                        ) -> None:
+    if val == train:
+        return
+    missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    detail = (f"missing {missing}, extra {extra}" if missing or extra
+              else f"in another order: {val} vs {train}")
+    raise UserError(f"{val_where}: its classes differ from {train_where}'s: {detail}")
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (train, val): ``fraction`` of each class to val, at least one, chosen with ``seed``."""
+    """Indices (train, val): ``fraction`` of each class to val (at least one), chosen with
+    ``seed``."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in sorted(set(labels)):
@@ -133,74 +178,7 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
     return sorted(train), sorted(val)
 
 
-# ------------------------------------------------------------------------------------- transforms
-def build_transforms(data: DataConfig, mean: tuple[float, ...], std: tuple[float, ...],
-                     train: bool) -> v2.Transform:
-    """Resize and crop to ``image_size`` (random crops and flips only for training), normalise."""
-    size = data.image_size
-    steps: list[v2.Transform] = [v2.ToImage()]
-    augments = {name: args for item in data.augment for name, args in item.items()} if train else {}
-    if "random_resized_crop" in augments:
-        steps.append(v2.RandomResizedCrop(size, antialias=True, **augments.pop("random_resized_crop")))
-    else:
-        steps += [v2.Resize(round(size / data.crop_pct), antialias=True), v2.CenterCrop(size)]
-    steps += [_augmentation(name, args, size) for name, args in augments.items()]
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    if mean is not None:
-        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
-    return v2.Compose(steps)
-
-
-def _augmentation(name: str, args: dict, size: int) -> v2.Transform:
-    if name == "hflip":
-        return v2.RandomHorizontalFlip(**args)
-    if name == "vflip":
-        return v2.RandomVerticalFlip(**args)
-    if name == "rotate":
-        return v2.RandomRotation(**{"degrees": 15, **args})
-    if name == "random_crop":
-        return v2.RandomCrop(size, **{"padding": size // 8, **args})
-    return v2.ColorJitter(**args)
-
-
-def normalization(data: DataConfig, pretrained_cfg: dict) -> tuple[tuple, tuple] | tuple[None, None]:
-    """(mean, std) for ``data.normalize``: ``auto`` reads the backbone's pretrained config."""
-    choice = data.normalize
-    if choice == "none":
-        return None, None
-    if choice == "imagenet":
-        return IMAGENET_MEAN, IMAGENET_STD
-    if choice == "auto":
-        return (tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
-                tuple(pretrained_cfg.get("std", IMAGENET_STD)))
-    return tuple(choice.mean), tuple(choice.std)
-
-
-# ------------------------------------------------------------------------------------ assembling
-def build_datasets(data: DataConfig, *, mean: tuple | None, std: tuple | None, seed: int
-                   ) -> Datasets:
-    """Train and validation datasets with their transforms, and the class names."""
-    train_tf = build_transforms(data, mean, std, train=True)
-    eval_tf = build_transforms(data, mean, std, train=False)
-    train = _open_source(data.train, data.image_size, train_tf)
-    classes = list(train.classes)
-    if data.val is not None:
-        val = _open_source(data.val, data.image_size, eval_tf)
-        if list(val.classes) != classes:
-            raise UserError(f"data.val: classes {list(val.classes)} differ from data.train's "
-                            f"{classes}")
-    else:
-        train_idx, val_idx = stratified_split(_labels(train), data.val_split, seed)
-        val = Subset(_open_source(data.train, data.image_size, eval_tf), val_idx)
-        train = Subset(train, train_idx)
-    for split, dataset in (("train", train), ("val", val)):
-        if len(dataset) == 0:
-            raise UserError(f"data.{split}: the dataset is empty")
-    if len(classes) < 2:
-        raise UserError(f"data.train: found {len(classes)} class; training needs at least two")
-    return Datasets(train, val, classes)
-
-
+# --------------------------------------------------------------------------------- loading
 def resolve_num_workers(num_workers: int | str) -> int:
     """``auto``: one worker per spare core, at most 8 (0 on a single core)."""
     if num_workers != "auto":
@@ -209,10 +187,20 @@ def resolve_num_workers(num_workers: int | str) -> int:
 
 
 def build_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int,
-                 pin_memory: bool, generator: torch.Generator | None = None,
-                 sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
-    """A loader. For training without a ``sampler`` it shuffles with ``generator``; it drops the
-    last incomplete batch so every optimizer step sees the same batch size."""
+                 pin_memory: bool, sampler: Sampler | None = None, seed: int | None = None,
+                 collate_fn: Callable[[list], Any] | None = None, persistent_workers: bool = True,
+                 prefetch_factor: int | None = None) -> DataLoader:
+    """A loader. For training it drops the last incomplete batch so that every optimizer step
+    sees the same batch size (and shuffles, when no ``sampler`` is given).
+
+    Args:
+        seed: seeds the loader's generator, from which each worker's ``random``, NumPy and torch
+            generators are seeded (``torch.utils.data`` does this per worker): augmentations
+            then depend on the recipe's seed, not on what ran before.
+        collate_fn: e.g. ``finetune.augment.MixCollate`` for mixup/cutmix.
+        persistent_workers, prefetch_factor: only used with ``num_workers > 0``.
+    """
+    workers = num_workers > 0
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -221,6 +209,66 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers:
         drop_last=train and len(dataset) > batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        generator=generator,
+        persistent_workers=workers and persistent_workers,
+        prefetch_factor=prefetch_factor if workers else None,
+        generator=None if seed is None else torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
     )
+
+
+class BalancedSampler(Sampler[int]):
+    """Each epoch draws as many items as the split has, with replacement, every class equally
+    likely (``WeightedRandomSampler`` seeded with ``seed + epoch``), and deals them out to the
+    processes as ``ShuffleShardSampler`` does. Call ``set_epoch`` before iterating."""
+
+    def __init__(self, labels: Sequence[int], *, seed: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        counts = np.bincount(labels)
+        self.weights = torch.as_tensor(1.0 / counts[list(labels)], dtype=torch.float64)
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        global_batch = batch_size * world_size
+        usable = len(labels) - len(labels) % global_batch if len(labels) > global_batch else len(
+            labels)
+        self.per_rank = usable // world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = list(WeightedRandomSampler(self.weights, len(self.weights), generator=generator))
+        return iter(drawn[self.rank::self.world_size][:self.per_rank])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def build_train_sampler(kind: str, labels: Sequence[int], *, seed: int, batch_size: int,
+                        rank: int = 0, world_size: int = 1) -> Sampler[int]:
+    """``shuffle``: a fresh seeded permutation each epoch; ``balanced``: classes drawn equally."""
+    shards = {"seed": seed, "batch_size": batch_size, "rank": rank, "world_size": world_size}
+    if kind == "balanced":
+        return BalancedSampler(labels, **shards)
+    return ShuffleShardSampler(len(labels), **shards)
+
+
+def class_weights(choice: str | list[float], labels: Sequence[int], num_classes: int
+                  ) -> torch.Tensor | None:
+    """Loss weight per class: ``balanced`` is ``n / (classes x n_class)`` (scikit-learn's rule),
+    a list is taken as given, ``none`` is ``None``."""
+    if choice == "none":
+        return None
+    if isinstance(choice, list):
+        if len(choice) != num_classes:
+            raise UserError(f"data.class_weights: {len(choice)} weights for {num_classes} classes")
+        return torch.tensor(choice, dtype=torch.float32)
+    counts = torch.bincount(torch.as_tensor(list(labels)), minlength=num_classes).float()
+    return torch.where(counts > 0, len(labels) / (num_classes * counts), torch.zeros(()))
+
+
+def skipped_images(**loaders: DataLoader) -> dict[str, int]:
+    """``{"<name>/skipped_images": n}``: unreadable images each loader skipped since the last
+    call; empty unless ``data.on_bad_image`` is ``skip``. Counts are per process."""
+    return {f"{name}/skipped_images": loader.dataset.take_skipped()
+            for name, loader in loaders.items()
+            if isinstance(loader.dataset, Split) and loader.dataset.on_bad_image == "skip"}

@@ -1,0 +1,315 @@
+"""Data sources, checks before training, bad images, splits, samplers and loaders, on real files."""
+
+from __future__ import annotations
+
+import gc
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.augment import build_transforms
+from finetune.data import (
+    BalancedSampler,
+    Split,
+    build_datasets,
+    build_loader,
+    class_weights,
+    skipped_images,
+    stratified_split,
+)
+from finetune.errors import UserError
+from finetune.recipe import Recipe
+from finetune.sources import BadImageError, image_folder, manifest
+from tests.conftest import make_image_folder, tiny_recipe
+
+ODD_MODES = ("L", "P", "RGBA", "CMYK", "I;16")
+
+
+def add_odd_files(root: Path, size: int = 20) -> dict[str, Path]:
+    """One image per odd mode in ``root/cat``, a truncated JPEG in ``root/dog``, and files that
+    must be ignored: a text file, a hidden file, a hidden folder."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+    files = {}
+    for mode in ODD_MODES:
+        if mode == "I;16":
+            image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+        elif mode == "P":
+            image = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+        else:
+            image = Image.fromarray(pixels).convert(mode)
+        path = root / "cat" / f"odd_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+        image.save(path, **({"transparency": 0} if mode == "P" else {}))
+        files[mode] = path
+    whole = (root / "dog" / "img1.jpg").read_bytes()
+    files["truncated"] = root / "dog" / "truncated.jpg"
+    files["truncated"].write_bytes(whole[: len(whole) // 2])
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".hidden.png").write_bytes(b"macOS metadata")
+    (root / ".ipynb_checkpoints").mkdir()
+    return files
+
+
+@pytest.fixture
+def odd_folder(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    root = make_image_folder(tmp_path / "images", ["cat", "dog", "fox"], per_class=4)
+    return root, add_odd_files(root)
+
+
+def _data(train: dict, **data) -> Recipe:
+    train = train or {"type": "fake"}
+    recipe = tiny_recipe(data={"train": train, "val": None, "val_split": 0.25, **data})
+    return Recipe.from_dict(recipe).data
+
+
+# ----------------------------------------------------------------------------------- sources
+def test_image_folder_makes_every_mode_rgb_and_ignores_other_files(odd_folder):
+    root, files = odd_folder
+    images = image_folder(root, "data.train")
+    assert images.classes == ["cat", "dog", "fox"]  # the hidden folder is no class
+    names = {path.name for path, _ in images.samples}
+    assert "notes.txt" not in names and ".hidden.png" not in names
+    assert len(images) == 3 * 4 + len(ODD_MODES) + 1
+    for mode in ODD_MODES:
+        index = next(i for i, (path, _) in enumerate(images.samples) if path == files[mode])
+        image, label = images[index]
+        assert (image.mode, image.size, label) == ("RGB", (24, 20), 0), mode
+    # 16-bit greyscale keeps its top 8 bits rather than saturating to white.
+    sixteen = images[next(i for i, (p, _) in enumerate(images.samples) if p == files["I;16"])][0]
+    expected = np.random.default_rng(1).integers(0, 256, (20, 24, 3), dtype=np.uint8)[..., 0]
+    assert np.array_equal(np.asarray(sixteen)[..., 0], expected)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"cat": 2, "dog": 0}, "class folder {root}/dog has no images"),
+    ({"cat": 3}, "found 1 class (cat)"),
+    ({}, "{root} has no class folders"),
+])
+def test_folder_problems_fail_before_training_naming_the_folder(tmp_path, layout, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name, count in layout.items():
+        (root / name).mkdir()
+        if count:
+            make_image_folder(root, [name], per_class=count)
+    with pytest.raises(UserError, match="^data.train") as caught:
+        build_datasets(_data({"type": "imagefolder", "root": str(root)}), seed=0)
+    assert message.format(root=root) in str(caught.value)
+
+
+def test_train_and_val_with_other_classes_fail_naming_both(tmp_path):
+    train = make_image_folder(tmp_path / "train", ["cat", "dog"], per_class=2)
+    val = make_image_folder(tmp_path / "val", ["cat", "wolf"], per_class=2)
+    data = Recipe.from_dict(tiny_recipe(data={
+        "train": {"type": "imagefolder", "root": str(train)},
+        "val": {"type": "imagefolder", "root": str(val)}})).data
+    with pytest.raises(UserError) as caught:
+        build_datasets(data, seed=0)
+    text = str(caught.value)
+    assert str(val) in text and str(train) in text
+    assert "missing ['dog'], extra ['wolf']" in text
+
+
+def test_num_classes_must_match_the_folders(tmp_path):
+    root = make_image_folder(tmp_path / "train", ["cat", "dog", "fox"], per_class=2)
+    with pytest.raises(UserError) as caught:
+        build_datasets(_data({"type": "imagefolder", "root": str(root)}), seed=0, num_classes=2)
+    assert str(caught.value).startswith(f"model.num_classes is 2 but data.train ({root}) has 3")
+
+
+def _manifest_images(tmp_path: Path) -> list[str]:
+    make_image_folder(tmp_path / "pics", ["a", "b"], per_class=2)
+    return sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "pics").rglob("img*"))
+
+
+def test_csv_manifest_with_class_names_relative_to_the_file(tmp_path):
+    files = _manifest_images(tmp_path)
+    rows = "".join(f"{path},{'dog' if 'b/' in path else 'cat'},extra\n" for path in files)
+    (tmp_path / "train.csv").write_text("file,species,note\n" + rows + "\n")
+    images = manifest(tmp_path / "train.csv", "data.train", kind="csv", path_key="file",
+                      label_key="species")
+    assert images.classes == ["cat", "dog"] and Counter(images.targets) == {0: 2, 1: 2}
+    assert images[0][0].mode == "RGB"
+
+
+def test_jsonl_manifest_with_integer_labels(tmp_path):
+    files = _manifest_images(tmp_path)
+    lines = [json.dumps({"path": path, "label": i % 3}) for i, path in enumerate(files)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n\n")
+    images = manifest(tmp_path / "train.jsonl", "data.train", kind="jsonl")
+    assert images.classes == ["0", "1", "2"] and images.targets == [0, 1, 2, 0]
+    assert manifest(tmp_path / "train.jsonl", "k", kind="jsonl", num_classes=5).classes[-1] == "4"
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["{path},7"], "line 2: label 7 is outside 0..2 (3 classes)"),
+    (["{path},-1"], "line 2: label -1 is outside"),
+    (["missing.png,0"], "line 2: image not found"),
+    (["{path},"], "line 2: no label"),
+    (["{path},2"], "no row has label 0"),
+    ([], "lists no images"),
+])
+def test_manifest_problems_name_the_file_and_line(tmp_path, rows, message):
+    path = _manifest_images(tmp_path)[0]
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(r.format(path=path) + "\n"
+                                                             for r in rows))
+    num_classes = 3 if "outside" in message else None
+    with pytest.raises(UserError, match="^data.train: ") as caught:
+        manifest(tmp_path / "m.csv", "data.train", kind="csv", num_classes=num_classes)
+    assert str(tmp_path / "m.csv") in str(caught.value) and message in str(caught.value)
+
+
+def _fake_mnist(root: Path, count: int = 12) -> None:
+    """The four raw files torchvision's MNIST reads, in its idx format, with random digits."""
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, count, 28, 28) + images.tobytes())
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, count) + labels.tobytes())
+
+
+def test_torchvision_dataset_by_name_from_local_files(tmp_path):
+    _fake_mnist(tmp_path)
+    data = Recipe.from_dict(tiny_recipe(data={
+        "train": {"type": "torchvision", "name": "MNIST", "root": str(tmp_path)},
+        "val": {"type": "torchvision", "name": "MNIST", "root": str(tmp_path), "split": "test"},
+        "normalize": "imagenet"})).data
+    datasets = build_datasets(data, seed=0)
+    assert len(datasets.classes) == 10 and datasets.classes[0] == "0 - zero"
+    image, label = datasets.train[3]
+    assert image.shape == (3, 32, 32) and label == 3  # greyscale made RGB, then transformed
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"name": "CIFAR10"}, "found no usable files under {root}"),
+    ({"name": "CIFAR10"}, "download=True"),
+    ({"name": "CIFAR11"}, "data.train.name: torchvision has no dataset 'CIFAR11'; close names: "
+                          "CIFAR10"),
+    ({"name": "MNIST", "split": "val"}, "data.train.split: MNIST has splits train and test"),
+])
+def test_torchvision_dataset_errors_say_what_to_do(tmp_path, source, message):
+    data = _data({"type": "torchvision", "root": str(tmp_path), **source})
+    with pytest.raises(UserError) as caught:
+        build_datasets(data, seed=0)
+    assert message.format(root=tmp_path) in str(caught.value)
+
+
+# ------------------------------------------------------------------------------- bad images
+def test_truncated_image_fails_with_its_path_also_from_a_worker(odd_folder):
+    root, files = odd_folder
+    split = Split(image_folder(root, "data.train"))
+    bad = next(i for i, (path, _) in enumerate(split.source.samples) if path == files["truncated"])
+    with pytest.raises(BadImageError, match=f"^{files['truncated']}: cannot read this image"):
+        split[bad]
+    loader = build_loader(Split(split.source, [bad]), batch_size=1, train=False, num_workers=1,
+                          pin_memory=False)
+    with pytest.raises(BadImageError) as caught:
+        next(iter(loader))
+    message = str(caught.value)
+    del caught
+    gc.collect()  # now, not in a later test: the abandoned loader stops its worker
+    assert message.startswith(f"{files['truncated']}: cannot read this image")
+    assert "Traceback" not in message and "on_bad_image: skip" in message
+
+
+def test_skip_replaces_a_bad_image_and_counts_it_each_epoch(odd_folder):
+    root, _ = odd_folder
+    transform = build_transforms(_data({}, augment=[]), None, None, train=True)
+    train = Split(image_folder(root, "data.train"), transform=transform, on_bad_image="skip")
+    loader = build_loader(train, batch_size=4, train=False, num_workers=0, pin_memory=False)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="skipped: .*truncated.jpg: cannot read this image"):
+            sizes = [len(labels) for _, labels in loader]
+        assert sum(sizes) == len(train)  # the bad image was replaced, not dropped
+        assert skipped_images(train=loader) == {"train/skipped_images": 1}
+    strict = build_loader(Split(train.source), batch_size=4, train=False, num_workers=0,
+                          pin_memory=False)
+    assert skipped_images(train=strict) == {}  # nothing counted unless skipping is on
+
+
+# ----------------------------------------------------------------------- splits and loaders
+def test_val_split_is_stratified_and_seeded():
+    labels = [0] * 10 + [1] * 20 + [2] * 3
+    train, val = stratified_split(labels, 0.2, seed=0)
+    assert Counter(labels[i] for i in val) == {0: 2, 1: 4, 2: 1}
+    assert sorted(train + val) == list(range(len(labels)))
+    assert stratified_split(labels, 0.2, seed=0) == (train, val)
+    assert stratified_split(labels, 0.2, seed=1)[1] != val
+
+
+def test_balanced_sampler_draws_classes_equally_seeded_per_epoch():
+    labels = [0] * 90 + [1] * 10
+    sampler = BalancedSampler(labels, seed=0, batch_size=10)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    drawn = Counter(labels[i] for i in first)
+    assert len(first) == 100 and 35 <= drawn[1] <= 65  # ~50 of the rare class, not ~10
+    assert list(sampler) == first
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    shards = [BalancedSampler(labels, seed=0, batch_size=5, rank=r, world_size=2) for r in (0, 1)]
+    for shard in shards:
+        shard.set_epoch(1)
+    assert sorted(list(shards[0]) + list(shards[1])) == sorted(first)
+
+
+def test_class_weights():
+    weights = class_weights("balanced", [0, 0, 0, 1], 3)
+    assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+    assert class_weights("none", [0, 1], 2) is None
+    with pytest.raises(UserError, match="data.class_weights: 3 weights for 2 classes"):
+        class_weights([1.0, 2.0, 3.0], [0, 1], 2)
+
+
+def test_loader_options_and_seeded_workers(image_folder):
+    data = _data({"type": "imagefolder", "root": str(image_folder)}, augment=["trivialaugment"],
+                 normalize="none")
+    train = build_datasets(data, seed=0).train
+
+    def first_batch(seed: int) -> torch.Tensor:
+        loader = build_loader(train, batch_size=4, train=False, num_workers=1, pin_memory=False,
+                              seed=seed, prefetch_factor=3, persistent_workers=False)
+        assert loader.prefetch_factor == 3 and not loader.persistent_workers
+        return next(iter(loader))[0]
+
+    assert torch.equal(first_batch(5), first_batch(5))  # worker RNGs come from the seed
+    assert not torch.equal(first_batch(5), first_batch(6))
+    plain = build_loader(train, batch_size=4, train=True, num_workers=0, pin_memory=False)
+    assert plain.drop_last and plain.prefetch_factor is None
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_a_run_with_every_data_feature(tmp_path, odd_folder):
+    """Skipped images in the metrics, measured normalisation saved and reused, mixup with label
+    smoothing, balanced class weights: one short run through the real loop."""
+    from finetune.training import run
+
+    root, _ = odd_folder
+    recipe = Recipe.from_dict(tiny_recipe(
+        data={"train": {"type": "imagefolder", "root": str(root)}, "val": None,
+              "val_split": 0.3, "on_bad_image": "skip", "normalize": "dataset",
+              "class_weights": "balanced", "augment": ["hflip", "mixup", {"cutmix": 0.5}],
+              "batch_size": 4},  # every training image is used: none dropped with the last batch
+        model={"backbone": "test_resnet"}, train={"epochs": 1, "device": "cpu",
+                                                   "label_smoothing": 0.1}))
+    with pytest.warns(UserWarning, match="skipped: .*truncated.jpg"):
+        result = run(recipe, run_dir=tmp_path / "run")
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert {"train/skipped_images", "val/skipped_images"} <= set(row)
+    assert row["train/skipped_images"] + row["val/skipped_images"] == 1
+    assert 0 <= row["train/top1"] <= 1
+    saved = json.loads((tmp_path / "run" / "normalization.json").read_text())
+    assert saved["normalize"] == "dataset" and len(saved["mean"]) == 3
+    resolved = Recipe.load(result.run_dir / "recipe.yaml")  # `dataset` became the values
+    assert resolved.data.normalize.mean == pytest.approx(saved["mean"])
