@@ -1,0 +1,386 @@
+"""Export a trained model: deployable formats, parity with the original, ``export.json``, loading.
+
+``export_run`` folds BatchNorm first (``finetune.fusion.fuse_bn``), writes the formats asked for
+and ``export.json``, then runs the original model and every written file on the same batch; a
+file whose logits differ from the original's by more than the tolerance fails the export
+(exit 1), and the folder is kept as ``<out>.failed``.
+
+Every artefact carries a model card (backbone, head, classes, normalisation, the folded pairs and
+the resolved recipe), so ``load_exported`` rebuilds a ``TrainedModel`` from the file alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torchvision.transforms import v2
+
+from finetune.data import build_transforms
+from finetune.errors import UserError
+from finetune.fusion import FuseReport, _count_parameters, fuse_bn_with_report, restructure
+from finetune.inference import TrainedModel, find_run_folder, load_trained
+from finetune.model import build_model
+from finetune.recipe import HeadConfig, Recipe
+from finetune.runtime import Runtime
+from finetune.weights import read_state_dict, resolve_weights_path
+
+FILES = {"safetensors": "model.safetensors", "torchscript": "model.torchscript.pt",
+         "onnx": "model.onnx", "pt2": "model.pt2"}
+FORMATS = tuple(FILES)
+DEFAULT_FORMATS = ("safetensors", "torchscript")
+DEFAULT_TOLERANCE = 1e-4
+EXPORT_FILE = "export.json"
+CARD_KEY = "finetune_export"  # safetensors metadata key / extra-file stem holding the model card
+CARD_FILE = f"{CARD_KEY}.json"
+LOADABLE = ("safetensors", "torchscript")  # what load_exported (and so predict) reads, in order
+
+
+class ExportVerificationError(Exception):
+    """An exported file does not reproduce the original model's logits (exit code 1)."""
+
+
+# ------------------------------------------------------------------------------ verification
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Max absolute difference, the same relative to the largest ``|reference|``, top-1 agreement.
+
+    The relative figure is what a tolerance is compared with: logits of one model can be 1e-2 or
+    1e3 in scale, and float rounding grows with the scale.
+    """
+    reference, candidate = reference.detach().float().cpu(), candidate.detach().float().cpu()
+    if reference.shape != candidate.shape:
+        raise ExportVerificationError(f"output shape {tuple(candidate.shape)}, expected "
+                                      f"{tuple(reference.shape)}")
+    max_abs = (reference - candidate).abs().max().item()
+    scale = reference.abs().max().item()
+    return {"max_abs_diff": max_abs,
+            "max_rel_diff": max_abs / scale if scale > 0 else float(max_abs > 0),
+            "top1_agreement": (reference.argmax(1) == candidate.argmax(1)).float().mean().item()}
+
+
+def _run_artefact(fmt: str, path: Path, batch: torch.Tensor) -> torch.Tensor | None:
+    """Load a written file back as a user would and run it on ``batch``; None if it cannot run
+    here (ONNX without onnxruntime)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        if fmt == "safetensors":
+            return _rebuild(path, read_card(path) or {})(batch)
+        if fmt == "torchscript":
+            return torch.jit.load(str(path), map_location="cpu")(batch)
+        if fmt == "pt2":
+            return torch.export.load(str(path)).module()(batch)
+    if not _installed("onnxruntime"):
+        return None
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
+
+
+def _verify(original: nn.Module, fused: nn.Module, files: dict[str, Path], batch: torch.Tensor,
+            tolerance: float) -> dict[str, Any]:
+    """The fused model and each written file against the original, on ``batch``."""
+    with torch.no_grad():
+        reference = original(batch)
+        outputs = {"fused": fused(batch)} if fused is not original else {}
+    outputs.update({fmt: _run_artefact(fmt, path, batch) for fmt, path in files.items()})
+    results = {name: _check(reference, logits, tolerance) for name, logits in outputs.items()}
+    return {"batch": {"size": len(batch), "input": "normal(0, 1) images, seed 0"},
+            "tolerance": tolerance,
+            "passed": all(r.get("passed", True) for r in results.values()),
+            "results": results}
+
+
+def _check(reference: torch.Tensor, logits: torch.Tensor | None, tolerance: float
+           ) -> dict[str, Any]:
+    if logits is None:
+        return {"skipped": "onnxruntime is not installed: written, not run"}
+    result: dict[str, Any] = compare_logits(reference, logits)
+    return {**result, "passed": result["max_rel_diff"] <= tolerance}
+
+
+# ----------------------------------------------------------------------------------- formats
+def parse_formats(values: list[str] | None) -> list[str]:
+    """Formats from ``--format`` values (repeated or comma-separated), checked to be writable."""
+    formats = [f.strip().lower() for v in values or DEFAULT_FORMATS for f in v.split(",")
+               if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"--format: unknown format {', '.join(map(repr, unknown)) or '(none)'}; "
+                        f"valid formats: {', '.join(FORMATS)}")
+    if "onnx" in formats and not _installed("onnx"):
+        raise UserError("--format onnx needs the onnx package: pip install onnx onnxruntime "
+                        "(onnxruntime runs the parity check)")
+    return list(dict.fromkeys(formats))
+
+
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _save(fmt: str, model: nn.Module, path: Path, example: torch.Tensor, card: str) -> None:
+    """Write ``model`` as ``fmt`` with the model card inside the file."""
+    from safetensors.torch import save_file
+
+    with warnings.catch_warnings():  # tracer and legacy-exporter chatter, not the user's concern
+        warnings.simplefilter("ignore")
+        if fmt == "safetensors":
+            tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(tensors, path, metadata={CARD_KEY: card})
+        elif fmt == "torchscript":  # traced: the path the example takes through any branch
+            traced = torch.jit.trace(model, example, check_trace=False)
+            torch.jit.save(traced, str(path), _extra_files={CARD_FILE: card})
+        elif fmt == "pt2":
+            program = torch.export.export(model, (example,),
+                                          dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            torch.export.save(program, str(path), extra_files={CARD_FILE: card})
+        else:
+            _save_onnx(model, path, example, card)
+
+
+def _save_onnx(model: nn.Module, path: Path, example: torch.Tensor, card: str) -> None:
+    import onnx
+
+    # The TorchScript-based exporter needs only `onnx`; the dynamo one also needs onnxscript.
+    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"],
+                      output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {CARD_KEY: card})
+    onnx.save(proto, str(path))
+
+
+# ------------------------------------------------------------------------------ exporting a run
+@dataclass
+class ExportResult:
+    """The export folder and the content of its ``export.json``."""
+
+    out: Path
+    info: dict[str, Any]
+
+
+def export_run(source: str | Path, *, out: str | Path | None = None,
+               formats: list[str] | None = None, fuse: bool = True,
+               tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
+    """Export a run's model (``best/`` unless ``source`` names a checkpoint) and verify it.
+
+    Args:
+        source: a run folder, or a checkpoint file inside one.
+        out: the export folder; ``<run folder>/export`` by default. An existing export there is
+            replaced once the new one has passed.
+        formats: any of ``FORMATS``; ``DEFAULT_FORMATS`` by default.
+        fuse: fold BatchNorm first (``fuse_bn``).
+        tolerance: the largest accepted logit difference, relative to the largest ``|logit|``.
+
+    Raises:
+        UserError: a source without a checkpoint, an unknown format, an unwritable ``out``.
+        ExportVerificationError: a file differs from the original beyond ``tolerance``; the
+            folder is kept as ``<out>.failed``.
+    """
+    formats = parse_formats(formats)
+    source = Path(source)
+    if is_export(source):
+        raise UserError(f"{source}: already an export; export the run folder it came from")
+    trained = load_trained(source, device="cpu")
+    out = Path(out) if out is not None else find_run_folder(source.resolve()) / "export"
+    staging = _staging_folder(out)
+    try:
+        info = _write_export(trained, staging, formats, fuse, tolerance)
+        info = {"source": str(resolve_weights_path(source).resolve()), **info}
+        (staging / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    except BaseException:
+        _keep_failed(staging, out)
+        raise
+    if not info["verification"]["passed"]:
+        failed = _keep_failed(staging, out)
+        raise ExportVerificationError(_failure_message(info["verification"], failed))
+    _publish(staging, out)
+    return ExportResult(out, info)
+
+
+def _write_export(trained: TrainedModel, folder: Path, formats: list[str], fuse: bool,
+                  tolerance: float) -> dict[str, Any]:
+    """Fuse, write each format and the recipe into ``folder``, verify; the export.json content."""
+    original = trained.model.eval()
+    size = trained.recipe.data.image_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    model, report = (fuse_bn_with_report(original, example_input=example) if fuse else
+                     (original, FuseReport(params_before=_count_parameters(original),
+                                           params_after=_count_parameters(original))))
+    card = model_card(trained, fused=fuse, folded=report.folded)
+    files = {fmt: folder / FILES[fmt] for fmt in formats}
+    for fmt, path in files.items():
+        try:
+            _save(fmt, model, path, example, json.dumps(card))
+        except Exception as error:  # name the format: the exporters' own messages do not
+            raise RuntimeError(f"{fmt}: could not export the model: {error}") from error
+    (folder / "recipe.yaml").write_text(card["recipe"])
+    batch = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return {**{key: value for key, value in card.items() if key not in ("recipe", "folded")},
+            "formats": {fmt: FILES[fmt] for fmt in formats},
+            "batchnorm": {"folded": report.folded, "remaining": report.remaining},
+            "parameters": {"before": report.params_before, "after": report.params_after},
+            "verification": _verify(original, model, files, batch, tolerance)}
+
+
+def model_card(trained: TrainedModel, *, fused: bool, folded: list[dict[str, str]]
+               ) -> dict[str, Any]:
+    """Everything needed to rebuild and use the model: stored inside every exported file."""
+    recipe = trained.recipe
+    mean, std = _normalization(trained.transform)
+    size = recipe.data.image_size
+    return {"format_version": 1, "backbone": recipe.model.backbone,
+            "num_classes": len(trained.classes), "head": recipe.model.head.model_dump(mode="json"),
+            "classes": trained.classes, "input_size": [3, size, size], "mean": mean, "std": std,
+            "fused": fused, "folded": folded, "recipe": recipe.to_yaml()}
+
+
+def _normalization(transform: v2.Transform) -> tuple[list[float] | None, list[float] | None]:
+    """The mean and std the run's eval transform normalises with (None, None if it does not)."""
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, v2.Normalize):
+            return list(step.mean), list(step.std)
+    return None, None
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new folder beside ``out`` to write into, so a failed export never leaves half an
+    ``out``; checks first that ``out`` is not a folder of something else."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
+        raise UserError(f"--out: {out} is neither empty nor an export folder; choose another")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
+                                        dir=out.parent))
+    except OSError as error:
+        raise UserError(f"--out: cannot write to {out}: {error}") from None
+    umask = os.umask(0o022)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the published folder private
+    return staging
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the verified export into place, replacing an earlier export."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _keep_failed(staging: Path, out: Path) -> Path:
+    failed = out.with_name(f"{out.name}.failed")
+    if failed.is_dir():
+        shutil.rmtree(failed)
+    os.replace(staging, failed)
+    return failed
+
+
+def _failure_message(verification: dict[str, Any], failed: Path) -> str:
+    worst = [f"{name} differs by {r['max_rel_diff']:.2e} of the logit scale"
+             for name, r in verification["results"].items() if r.get("passed") is False]
+    return (f"verification failed: {'; '.join(worst)} (tolerance "
+            f"{verification['tolerance']:.1e}); files kept in {failed}")
+
+
+# ----------------------------------------------------------------------------------- loading
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is an export folder, or a safetensors/TorchScript file with a model card."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / EXPORT_FILE).is_file()
+    return path.is_file() and read_card(path) is not None
+
+
+def read_card(path: Path) -> dict[str, Any] | None:
+    """The model card stored in an exported safetensors or TorchScript file, else None."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as handle:
+                text = (handle.metadata() or {}).get(CARD_KEY)
+        except (SafetensorError, OSError):
+            return None
+        return json.loads(text) if text else None
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:  # TorchScript and pt2 files keep extra files here
+        names = [n for n in archive.namelist() if n.endswith(f"/extra/{CARD_FILE}")]
+        return json.loads(archive.read(names[0])) if names else None
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/data.pkl") for name in archive.namelist())
+
+
+def load_exported(path: str | Path, device: str = "auto") -> TrainedModel:
+    """A ``TrainedModel`` from an export folder or an exported safetensors/TorchScript file.
+
+    A folder is read through its safetensors file, else its TorchScript file. The eval
+    transforms and class names come from the card inside the file, as the run's would.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = _loadable_file(path)
+    card = read_card(path)
+    if card is None:
+        raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
+    recipe = Recipe.from_dict(yaml.safe_load(card["recipe"]), source=f"{path} (its recipe)",
+                              check_paths=False)
+    if path.suffix == ".safetensors":
+        model = _rebuild(path, card)
+    elif not _is_torchscript(path):
+        raise UserError(f"{path}: a pt2 export; load the export's folder, or its safetensors or "
+                        "TorchScript file (torch.export.load reads this one)")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            model = torch.jit.load(str(path), map_location="cpu")
+    runtime = Runtime.create(device=device, precision="fp32", channels_last=False)
+    transform = build_transforms(recipe.data, card["mean"], card["std"], False)
+    return TrainedModel(runtime.prepare(model).eval(), card["classes"], recipe, transform,
+                        runtime)
+
+
+def _loadable_file(folder: Path) -> Path:
+    info = json.loads((folder / EXPORT_FILE).read_text())
+    for fmt in LOADABLE:
+        if fmt in info.get("formats", {}) and (folder / info["formats"][fmt]).is_file():
+            return folder / info["formats"][fmt]
+    raise UserError(f"{folder}: has no {' or '.join(LOADABLE)} file to load; export again with "
+                    "--format safetensors")
+
+
+def _rebuild(path: Path, card: dict[str, Any]) -> nn.Module:
+    """The card's architecture, given the fused structure, with the file's weights."""
+    if "backbone" not in card:
+        raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
+    built = build_model(backbone=card["backbone"], num_classes=card["num_classes"],
+                        head=HeadConfig(**card["head"]))
+    model = restructure(built.model, card["folded"])
+    try:
+        model.load_state_dict(read_state_dict(path))
+    except RuntimeError as error:
+        raise UserError(f"{path}: weights do not fit the model its card describes: {error}"
+                        ) from None
+    return model.eval()
