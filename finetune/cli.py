@@ -226,17 +226,31 @@ def export(
 
 @app.command()
 @handles_errors
-def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+def plan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    steps_per_epoch: Annotated[int, typer.Option(
+        min=1, help="Optimizer steps per epoch for the LR preview (the plan reads no data, so "
+                    "by default an epoch counts as one step).")] = 1,
+    lr_plot: Annotated[Path | None, typer.Option(
+        help="Also write the LR of every group over the run to this PNG.")] = None,
+) -> None:
     """Build the model with its weights (no data, no training) and show the load report,
-    parameter groups, frozen and trainable counts, BatchNorm policy and unfreeze schedule."""
+    parameter groups, frozen and trainable counts, BatchNorm policy, unfreeze schedule and the
+    LR of each group at the start, end of warmup, middle and end."""
     loaded = _load_recipe(recipe, set_)
-    from finetune.plan import build_plan, plan_to_dict, print_plan
+    from finetune.plan import build_plan, plan_to_dict, print_plan, write_schedule_plot
 
     built = build_plan(loaded)
+    if lr_plot is not None:
+        write_schedule_plot(built, lr_plot, steps_per_epoch)
     if json_:
-        console.print_json(json.dumps(plan_to_dict(built)))
+        console.print_json(json.dumps(plan_to_dict(built, steps_per_epoch)))
         return
-    print_plan(built, console)
+    print_plan(built, console, steps_per_epoch)
+    if lr_plot is not None:
+        console.print(f"LR schedule plot: {lr_plot}", markup=False)
 
 
 @app.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +22,9 @@ from rich.table import Table
 from finetune.errors import UserError
 from finetune.freeze import FreezeReport, ScheduledUnfreeze, UnfreezeStage, freeze
 from finetune.model import BuiltModel, build_model
-from finetune.optim import param_groups
+from finetune.optim import lr_scale_factor, param_groups
 from finetune.recipe import DataConfig, DigitsSource, FakeSource, ImageFolderSource, Recipe
+from finetune.schedule import plot_lr_schedule, preview_lrs
 from finetune.weights import LoadReport
 
 SHOWN_NAMES = 6  # names per row of the load report table; the JSON form has them all
@@ -118,7 +120,7 @@ def _group_row(group: dict[str, Any]) -> dict[str, Any]:
             "weight_decay": group["weight_decay"]}
 
 
-def plan_to_dict(plan: Plan) -> dict[str, Any]:
+def plan_to_dict(plan: Plan, steps_per_epoch: int = 1) -> dict[str, Any]:
     """The plan as plain JSON-able values (what ``finetune plan --json`` prints).
 
     ``load`` is ``null`` when no weights file was loaded (random init or ``pretrained: true``).
@@ -147,7 +149,41 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                       "params": sum(_count(g["params"]) for g in stage.groups),
                       "groups": [_group_row(group) for group in stage.groups]}
                      for stage, step in zip(plan.unfreeze, report.unfreeze, strict=True)],
+        "lr_scale": lr_scale(plan.recipe),
+        "schedule": {"name": plan.recipe.scheduler.name, "interval": plan.recipe.scheduler.interval,
+                     "groups": schedule_preview(plan, steps_per_epoch)},
     }
+
+
+def lr_scale(recipe: Recipe) -> float:
+    """The factor ``optimizer.lr_scaling`` applies to every LR (1 without scaling)."""
+    opt = recipe.optimizer
+    return lr_scale_factor(lr_scaling=opt.lr_scaling, batch_size=recipe.data.batch_size,
+                           base_batch_size=opt.base_batch_size,
+                           grad_accum_steps=recipe.train.grad_accum_steps)
+
+
+def schedule_preview(plan: Plan, steps_per_epoch: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """Each group's LR at the start, the end of the warmup, the middle and the end of the run.
+
+    The plan reads no data, so by default an epoch counts as one optimizer step: the points fall
+    on the right epochs, but a ``warmup_steps`` warmup needs the real ``steps_per_epoch``.
+    """
+    recipe = plan.recipe
+    preview = preview_lrs(plan.groups, lr=recipe.optimizer.lr, epochs=recipe.train.epochs,
+                          steps_per_epoch=steps_per_epoch, lr_scale=lr_scale(recipe),
+                          **dict(recipe.scheduler))
+    per_epoch = steps_per_epoch if recipe.scheduler.interval == "step" else 1
+    return {name: [{"point": label, "epoch": round(step / per_epoch, 3), "lr": value}
+                   for label, step, value in points] for name, points in preview.items()}
+
+
+def write_schedule_plot(plan: Plan, path: Path, steps_per_epoch: int = 1) -> Path:
+    """``lr_schedule.png``: every group's LR over the run."""
+    recipe = plan.recipe
+    return plot_lr_schedule(path, plan.groups, lr=recipe.optimizer.lr,
+                            epochs=recipe.train.epochs, steps_per_epoch=steps_per_epoch,
+                            lr_scale=lr_scale(recipe), **dict(recipe.scheduler))
 
 
 def _names(names: list[str]) -> str:
@@ -173,9 +209,10 @@ def print_load_report(report: LoadReport, console: Console) -> None:
         console.print(f"[bold red]WARNING: {escape(report.warning)}[/]")
 
 
-def print_plan(plan: Plan, console: Console) -> None:
-    """Load report, parameter groups, frozen/trainable totals, BatchNorm policy, unfreezing."""
-    info = plan_to_dict(plan)
+def print_plan(plan: Plan, console: Console, steps_per_epoch: int = 1) -> None:
+    """Load report, parameter groups, frozen/trainable totals, BatchNorm policy, unfreezing,
+    and the LR schedule of each group."""
+    info = plan_to_dict(plan, steps_per_epoch)
     head = info["model"]["head"]
     console.print(f"{escape(info['model']['backbone'])}: {info['model']['params']:,} parameters;"
                   f" head {escape(head['type'])} at {escape(head['module'])} "
@@ -202,6 +239,19 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(_groups_table(
             f"unfreeze at the start of epoch {stage['epoch']}: {', '.join(stage['patterns'])} "
             f"({stage['params']:,} parameters)", stage["groups"]))
+    console.print(_schedule_table(info))
+
+
+def _schedule_table(info: dict[str, Any]) -> Table:
+    schedule = info["schedule"]
+    points = next(iter(schedule["groups"].values()), [])
+    scaled = f", x{info['lr_scale']:g} by lr_scaling" if info["lr_scale"] != 1 else ""
+    table = Table("group", *(f"{p['point']} (epoch {p['epoch']:g})" for p in points),
+                  title=f"learning rate: {escape(schedule['name'])}, stepped per "
+                        f"{schedule['interval']}{scaled}", title_justify="left")
+    for name, values in schedule["groups"].items():
+        table.add_row(escape(name), *(f"{p['lr']:.3g}" for p in values))
+    return table
 
 
 def _groups_table(title: str, rows: list[dict[str, Any]]) -> Table:

@@ -143,3 +143,38 @@ def test_plan_json_from_the_cli(tmp_path):
     assert info["batchnorm"]["policy"] == "frozen"
     assert [stage["epoch"] for stage in info["unfreeze"]] == [3, 5]
 
+
+
+def test_plan_previews_each_group_schedule_with_torch_values(tmp_path):
+    recipe = Recipe.from_dict(tiny_recipe(
+        optimizer={"name": "sgd", "lr": 0.1, "param_groups": [{"match": "fc.*", "lr": 1.0}]},
+        scheduler={"name": "cosine", "warmup_epochs": 2, "warmup_start_factor": 0.5},
+        train={"epochs": 10, "device": "cpu"}))
+    schedule = plan_to_dict(build_plan(recipe))["schedule"]["groups"]
+    # Driven directly: LinearLR(0.5 -> 1 over 2 steps), then CosineAnnealingLR over 8 steps.
+    params = [torch.zeros(1, requires_grad=True)]
+    optimizer = torch.optim.SGD([{"params": params, "lr": 1.0}])
+    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=2)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=8)
+    torch_schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], [2])
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        torch_schedule.step()
+    for name, base in (("default", 0.1), ("fc.*", 1.0)):
+        points = {p["point"]: (p["epoch"], p["lr"]) for p in schedule[name]}
+        assert set(points) == {"start", "warmup end", "middle", "end"}
+        for epoch, value in points.values():
+            assert value == pytest.approx(base * lrs[int(epoch)])
+
+
+def test_plan_shows_linear_lr_scaling_and_writes_the_lr_plot(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        optimizer={"name": "sgd", "lr": 0.1, "lr_scaling": "linear", "base_batch_size": 4}))
+    result = run_cli("plan", str(path), "--json", "--lr-plot", str(tmp_path / "lr.png"))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["lr_scale"] == 2.0  # batch 8 / base 4
+    assert info["schedule"]["groups"]["default"][0]["lr"] == pytest.approx(0.2)
+    assert (tmp_path / "lr.png").stat().st_size > 0
