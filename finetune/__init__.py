@@ -31,6 +31,13 @@ _EXPORTS = {
     "load_trained": "finetune.inference",
     "predict_images": "finetune.inference",
     "fuse_bn": "finetune.fusion",
+    "export_run": "finetune.export",
+    "build_plan": "finetune.plan",
+    "find_lr": "finetune.lr_find",
+    "preview_lrs": "finetune.schedule",
+    "lr_scale_factor": "finetune.optim",
+    "build_datasets": "finetune.data",
+    "image_statistics": "finetune.stats",
 }
 
 __all__ = sorted(_EXPORTS)
