@@ -94,6 +94,7 @@ class Datasets:
     classes: list[str]
     normalization: Normalization
     class_weights: torch.Tensor | None = None
+    test: Split | None = None
 
 
 def build_datasets(data: DataConfig, *, seed: int, pretrained_cfg: dict[str, Any] | None = None,
@@ -134,11 +135,19 @@ def build_datasets(data: DataConfig, *, seed: int, pretrained_cfg: dict[str, Any
                   data.on_bad_image)
     val = Split(val_source, val_idx, build_transforms(data, norm.mean, norm.std, False),
                 data.on_bad_image)
-    for key, split in (("data.train", train), ("data.val", val)):
-        if len(split) == 0:
+    test = None
+    if data.test is not None:
+        test_source = open_source(data.test, key="data.test", image_size=size,
+                                  num_classes=len(classes))
+        _check_same_classes(classes, list(test_source.classes), _where("data.train", train_source),
+                            _where("data.test", test_source))
+        test = Split(test_source, None, build_transforms(data, norm.mean, norm.std, False),
+                     data.on_bad_image)
+    for key, split in (("data.train", train), ("data.val", val), ("data.test", test)):
+        if split is not None and len(split) == 0:
             raise UserError(f"{_where(key, split.source)}: the dataset is empty")
     weights = class_weights(data.class_weights, train.targets, len(classes))
-    return Datasets(train, val, classes, norm, weights)
+    return Datasets(train, val, classes, norm, weights, test)
 
 
 def _where(key: str, source: ImageSource) -> str:

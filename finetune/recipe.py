@@ -434,6 +434,7 @@ class DataConfig(Section):
     train: DataSource
     val: DataSource | None = None
     val_split: Fraction | None = None
+    test: DataSource | None = None  # evaluated once, with the best weights, after training
     image_size: PositiveInt = 224
     crop_pct: Annotated[float, Field(gt=0, le=1)] = 0.875
     batch_size: PositiveInt = 32

@@ -28,7 +28,7 @@ from finetune.data import (
 from finetune.distributed import ShardSampler
 from finetune.errors import UserError
 from finetune.freeze import FreezeReport, UnfreezeStage, apply_unfreeze
-from finetune.loop import LoopState, fit
+from finetune.loop import LoopState, evaluate, fit
 from finetune.lr_find import resolve_auto_lr
 from finetune.model import TORCHVISION_PREFIX, BuiltModel, check_backbone_name
 from finetune.optim import build_optimizer, lr_scale_factor, optimizer_arguments
@@ -146,6 +146,7 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
                       f"process(es), effective batch {effective_batch_size(recipe, runtime)})",
                       highlight=False)
     progress = EpochProgress(enabled=runtime.is_main, console=console)
+    test_metrics = None
     try:
         fit(model, train_loader, val_loader, optimizer, scheduler, runtime,
             epochs=recipe.train.epochs, num_classes=len(datasets.classes), state=state,
@@ -156,9 +157,16 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
             scheduler_interval=recipe.scheduler.interval, save_best=recipe.output.save_best,
             unfreeze=prepared.unfreeze,
             class_weights=_class_weights(prepared))
+        test_metrics = evaluate_test_split(prepared, model, folder)
     finally:
         summary = _summary(folder, state, recipe, runtime,
                            completed=state.epoch == recipe.train.epochs)
+        if test_metrics is not None:
+            summary["test"] = test_metrics
+            if runtime.is_main:
+                scores = "  ".join(f"{key} {value:.4f}" for key, value in test_metrics.items())
+                console.print(f"data.test with the best/ weights (epoch {state.best_epoch}): "
+                              f"{scores}", highlight=False)
         if runtime.is_main and folder.path.exists():
             folder.write_summary(summary)
             _plot_curves(folder)
@@ -191,6 +199,25 @@ def build_loaders(prepared: Prepared) -> tuple[DataLoader, DataLoader]:
                               train=False, sampler=ShardSampler(len(datasets.val), **shards),
                               **workers)
     return train_loader, val_loader
+
+
+def evaluate_test_split(prepared: Prepared, model: torch.nn.Module, folder: RunFolder
+                        ) -> dict[str, Any] | None:
+    """``data.test`` scored once with the ``best/`` weights (``test/loss``, ``test/top1``, ...)."""
+    datasets, runtime, recipe = prepared.datasets, prepared.runtime, prepared.recipe
+    if datasets.test is None:
+        return None
+    runtime.barrier()  # rank 0 has written best/
+    tensors, _ = folder.load_checkpoint("best")
+    runtime.unwrap(model).load_state_dict(tensors)
+    loader = build_loader(datasets.test,
+                          batch_size=recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
+                          train=False, num_workers=resolve_num_workers(recipe.data.num_workers),
+                          pin_memory=runtime.pin_memory,
+                          sampler=ShardSampler(len(datasets.test), rank=runtime.rank,
+                                               world_size=runtime.world_size))
+    metrics = evaluate(model, loader, runtime, len(datasets.classes))
+    return {key.replace("val/", "test/"): value for key, value in metrics.items()}
 
 
 def _class_weights(prepared: Prepared) -> torch.Tensor | None:

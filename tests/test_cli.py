@@ -198,3 +198,22 @@ def test_predict_missing_image_exits_2(trained_run, tmp_path):
     result = run_cli("predict", str(run_dir), str(tmp_path / "missing.png"))
     assert result.returncode == 2
     assert "missing.png" in result.stderr
+
+
+def test_test_split_is_scored_with_the_best_weights(tmp_path):
+    from tests.conftest import make_image_folder
+
+    train = make_image_folder(tmp_path / "train", ["cat", "dog", "fox"], per_class=6)
+    test = make_image_folder(tmp_path / "test", ["cat", "dog", "fox"], per_class=3, seed=5)
+    recipe = tiny_recipe(data={"train": {"type": "imagefolder", "root": str(train)},
+                               "val": None, "val_split": 0.34,
+                               "test": {"type": "imagefolder", "root": str(test)}})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_dir = tmp_path / "run"
+    result = run_cli("run", str(path), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evaluated = json.loads(run_cli("eval", str(run_dir), str(test), "--json").stdout)
+    assert summary["test"]["test/top1"] == pytest.approx(evaluated["top1"])
+    assert summary["test"]["test/loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
+    assert "data.test with the best/ weights" in result.stdout
