@@ -193,9 +193,9 @@ def export(
     )] = True,
     format_: Annotated[list[str] | None, typer.Option(
         "--format", help="safetensors, torchscript, onnx or pt2; repeat or comma-separate "
-                         "[default: safetensors,torchscript].", show_default=False)] = None,
+                         "(default: safetensors,torchscript).", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
-        help="The export folder [default: <run folder>/export].", show_default=False)] = None,
+        help="The export folder (default: <run folder>/export).", show_default=False)] = None,
     tolerance: Annotated[float, typer.Option(
         min=0.0, help="Largest accepted logit difference, relative to the largest |logit|.")
     ] = 1e-4,
@@ -259,7 +259,7 @@ def stats(
     data: Annotated[Path, typer.Argument(
         help="An image folder (one sub-folder per class) or a CSV/JSONL manifest.")],
     workers: Annotated[int | None, typer.Option(
-        min=0, help="Processes that decode images [default: one per spare core].",
+        min=0, help="Processes that decode images (default: one per spare core).",
         show_default=False)] = None,
     json_: JsonOpt = False,
 ) -> None:
