@@ -93,7 +93,7 @@ def run(
     run_dir: Annotated[Path | None, typer.Option(help="Write the run here.")] = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue a run from its last/ checkpoint: a run folder, or with no value the "
-             "recipe's latest run.", flag_value="latest", is_flag=False)] = None,
+             "recipe's latest run.", show_default=False)] = None,
     nproc: Annotated[int, typer.Option(
         min=1, help="Train with N processes (one per GPU) under torchrun, with DDP.")] = 1,
 ) -> None:
@@ -330,8 +330,24 @@ def lr_find(
     console.print(str(folder), markup=False)
 
 
+def with_resume_value(argv: list[str]) -> list[str]:
+    """Give a bare ``--resume`` its implied value, ``latest``.
+
+    ``--resume [DIR]`` takes an optional value, which Typer no longer supports (it deprecated
+    click's ``is_flag=False, flag_value=...``), so the default is filled in before parsing.
+    """
+    filled = list(argv)
+    for index, arg in enumerate(filled):
+        if arg == "--":
+            break
+        following = filled[index + 1] if index + 1 < len(filled) else "-"
+        if arg == "--resume" and following.startswith("-"):
+            filled[index] = "--resume=latest"
+    return filled
+
+
 def main() -> None:
-    app(prog_name="finetune")
+    app(args=with_resume_value(sys.argv[1:]), prog_name="finetune")
 
 
 if __name__ == "__main__":

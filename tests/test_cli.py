@@ -139,6 +139,33 @@ def test_resume_of_a_folder_without_checkpoint_exits_2(tmp_path):
     assert "not a run folder" in result.stderr
 
 
+def test_bare_resume_continues_the_recipes_latest_run(tmp_path):
+    out = tmp_path / "out"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(train={"epochs": 1, "device": "cpu"}))
+    first = run_cli("run", str(path), "--set", f"output.dir={out}")
+    assert first.returncode == 0, first.stderr
+    run_dir = first.stdout.strip().splitlines()[-1]
+    resumed = run_cli("run", str(path), "--set", f"output.dir={out}", "--resume",
+                      "--set", "train.epochs=2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip().splitlines()[-1] == str(Path(run_dir).resolve())
+    rows = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "r.yaml", "--resume"], ["run", "r.yaml", "--resume=latest"]),
+    (["run", "r.yaml", "--resume", "--nproc", "2"], ["run", "r.yaml", "--resume=latest",
+                                                      "--nproc", "2"]),
+    (["run", "r.yaml", "--resume", "runs/a"], ["run", "r.yaml", "--resume", "runs/a"]),
+    (["run", "r.yaml", "--resume=runs/a"], ["run", "r.yaml", "--resume=runs/a"]),
+])
+def test_bare_resume_gets_the_value_latest(argv, expected):
+    from finetune.cli import with_resume_value
+
+    assert with_resume_value(argv) == expected
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     """A run trained on a small image folder, shared by the eval and predict tests."""
