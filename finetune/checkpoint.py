@@ -5,6 +5,7 @@ Layout (a contract scripts rely on)::
     checkpoints/<name>/<timestamp>/
       recipe.yaml  metrics.jsonl  summary.json  classes.json  load_report.json
       last/  best/          model.safetensors + state.pt (optimizer, scheduler, scaler, epoch, RNG)
+      model.safetensors     -> best/model.safetensors: "the run's model", for `pretrained:` paths
       plots/curves.png
     checkpoints/<name>/latest -> <timestamp>
 
@@ -125,6 +126,8 @@ class RunFolder:
         os.close(fd)
         torch.save(state, tmp)
         os.replace(tmp, folder / STATE_FILE)
+        if tag == "best" and not (self.path / WEIGHTS_FILE).is_symlink():
+            (self.path / WEIGHTS_FILE).symlink_to(Path(tag) / WEIGHTS_FILE)
 
     def load_checkpoint(self, tag: str = "last") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(model tensors, state) of ``<tag>/``, checked to belong to the same epoch."""

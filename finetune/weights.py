@@ -43,8 +43,8 @@ def resolve_weights_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    for candidate in (path / WEIGHTS_FILE, path / "best" / WEIGHTS_FILE,
-                      path / "last" / WEIGHTS_FILE, path / "latest" / "best" / WEIGHTS_FILE):
+    for candidate in (path / "best" / WEIGHTS_FILE, path / "last" / WEIGHTS_FILE,
+                      path / WEIGHTS_FILE, path / "latest" / "best" / WEIGHTS_FILE):
         if candidate.is_file():
             return candidate
     if path.is_dir():

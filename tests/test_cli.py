@@ -67,6 +67,9 @@ def test_run_writes_the_whole_run_folder(tmp_path, image_folder):
                  "last/model.safetensors", "last/state.pt", "best/model.safetensors",
                  "best/state.pt", "plots/curves.png"):
         assert (run_dir / name).is_file(), name
+    model_link = run_dir / "model.safetensors"  # `pretrained: <run>/model.safetensors` works
+    assert model_link.is_symlink() and model_link.resolve() == (run_dir / "best" /
+                                                                 "model.safetensors").resolve()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["epoch"] == 1 and 0 <= summary["best"]["val/top1"] <= 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
