@@ -188,17 +188,20 @@ def predict(
 def export(
     source: Annotated[Path, typer.Argument(
         help="A run folder (its best/ weights) or a checkpoint inside one.")],
-    fuse_bn: Annotated[bool, typer.Option(
-        "--fuse-bn/--no-fuse-bn", help="Fold BatchNorm into the conv or linear layer before it."
-    )] = True,
+    fuse_bn: Annotated[bool | None, typer.Option(
+        "--fuse-bn/--no-fuse-bn", help="Fold BatchNorm into the conv or linear layer before it "
+                                       "(default: the recipe's export.fuse_bn, true).",
+        show_default=False)] = None,
     format_: Annotated[list[str] | None, typer.Option(
         "--format", help="safetensors, torchscript, onnx or pt2; repeat or comma-separate "
-                         "(default: safetensors,torchscript).", show_default=False)] = None,
+                         "(default: the recipe's export.formats, safetensors,torchscript).",
+        show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         help="The export folder (default: <run folder>/export).", show_default=False)] = None,
-    tolerance: Annotated[float, typer.Option(
-        min=0.0, help="Largest accepted logit difference, relative to the largest |logit|.")
-    ] = 1e-4,
+    tolerance: Annotated[float | None, typer.Option(
+        min=0.0, help="Largest accepted logit difference, relative to the largest |logit| "
+                      "(default: the recipe's export.tolerance, 1e-4).", show_default=False)
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Fold BatchNorm, write deployable files, and check each against the original model.
@@ -207,7 +210,7 @@ def export(
     """
     from finetune.export import export_run
 
-    result = export_run(source, out=out, formats=format_, fuse=fuse_bn, tolerance=tolerance)
+    result = export_run(source, out=out, formats=format_, fuse_bn=fuse_bn, tolerance=tolerance)
     info = result.info
     if json_:
         console.print_json(json.dumps(info))

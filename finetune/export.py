@@ -32,15 +32,12 @@ from finetune.errors import UserError
 from finetune.fusion import FuseReport, _count_parameters, fuse_bn_with_report, restructure
 from finetune.inference import TrainedModel, find_run_folder, load_trained
 from finetune.model import build_model
-from finetune.recipe import HeadConfig, Recipe
+from finetune.recipe import EXPORT_FORMATS, ExportConfig, HeadConfig, Recipe
 from finetune.runtime import Runtime
 from finetune.weights import read_state_dict, resolve_weights_path
 
 FILES = {"safetensors": "model.safetensors", "torchscript": "model.torchscript.pt",
          "onnx": "model.onnx", "pt2": "model.pt2"}
-FORMATS = tuple(FILES)
-DEFAULT_FORMATS = ("safetensors", "torchscript")
-DEFAULT_TOLERANCE = 1e-4
 EXPORT_FILE = "export.json"
 CARD_KEY = "finetune_export"  # safetensors metadata key / extra-file stem holding the model card
 CARD_FILE = f"{CARD_KEY}.json"
@@ -111,14 +108,13 @@ def _check(reference: torch.Tensor, logits: torch.Tensor | None, tolerance: floa
 
 
 # ----------------------------------------------------------------------------------- formats
-def parse_formats(values: list[str] | None) -> list[str]:
+def parse_formats(values: list[str]) -> list[str]:
     """Formats from ``--format`` values (repeated or comma-separated), checked to be writable."""
-    formats = [f.strip().lower() for v in values or DEFAULT_FORMATS for f in v.split(",")
-               if f.strip()]
-    unknown = [f for f in formats if f not in FORMATS]
+    formats = [f.strip().lower() for v in values for f in v.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:
         raise UserError(f"--format: unknown format {', '.join(map(repr, unknown)) or '(none)'}; "
-                        f"valid formats: {', '.join(FORMATS)}")
+                        f"valid formats: {', '.join(EXPORT_FORMATS)}")
     if "onnx" in formats and not _installed("onnx"):
         raise UserError("--format onnx needs the onnx package: pip install onnx onnxruntime "
                         "(onnxruntime runs the parity check)")
@@ -175,16 +171,19 @@ class ExportResult:
 
 
 def export_run(source: str | Path, *, out: str | Path | None = None,
-               formats: list[str] | None = None, fuse: bool = True,
-               tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
+               formats: list[str] | None = None, fuse_bn: bool | None = None,
+               tolerance: float | None = None) -> ExportResult:
     """Export a run's model (``best/`` unless ``source`` names a checkpoint) and verify it.
+
+    ``formats``, ``fuse_bn`` and ``tolerance`` left as None take the run recipe's ``export:``
+    section (``ExportConfig``: safetensors and torchscript, fused, 1e-4 unless it says otherwise).
 
     Args:
         source: a run folder, or a checkpoint file inside one.
         out: the export folder; ``<run folder>/export`` by default. An existing export there is
             replaced once the new one has passed.
-        formats: any of ``FORMATS``; ``DEFAULT_FORMATS`` by default.
-        fuse: fold BatchNorm first (``fuse_bn``).
+        formats: any of ``EXPORT_FORMATS``.
+        fuse_bn: fold BatchNorm first (``finetune.fuse_bn``).
         tolerance: the largest accepted logit difference, relative to the largest ``|logit|``.
 
     Raises:
@@ -192,11 +191,15 @@ def export_run(source: str | Path, *, out: str | Path | None = None,
         ExportVerificationError: a file differs from the original beyond ``tolerance``; the
             folder is kept as ``<out>.failed``.
     """
-    formats = parse_formats(formats)
     source = Path(source)
+    asked = parse_formats(formats) if formats is not None else None  # fail before loading
     if is_export(source):
         raise UserError(f"{source}: already an export; export the run folder it came from")
     trained = load_trained(source, device="cpu")
+    defaults: ExportConfig = trained.recipe.export
+    formats = asked or parse_formats(defaults.formats)
+    fuse = defaults.fuse_bn if fuse_bn is None else fuse_bn
+    tolerance = defaults.tolerance if tolerance is None else tolerance
     out = Path(out) if out is not None else find_run_folder(source.resolve()) / "export"
     staging = _staging_folder(out)
     try:

@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -721,6 +721,19 @@ class OutputConfig(Section):
     save_best: Literal["val/top1", "val/loss"] = "val/top1"
 
 
+ExportFormat = Literal["safetensors", "torchscript", "onnx", "pt2"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+
+class ExportConfig(Section):
+    """Defaults of ``finetune export`` for this run; its command-line options override them."""
+
+    fuse_bn: bool = True
+    formats: Annotated[list[ExportFormat], Field(min_length=1)] = [
+        "safetensors", "torchscript"]
+    tolerance: NonNegativeFloat = 1e-4  # largest logit difference, relative to the largest |logit|
+
+
 class Recipe(Section):
     """A whole recipe; ``Recipe.load`` reads one from YAML."""
 
@@ -733,6 +746,7 @@ class Recipe(Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+    export: ExportConfig = ExportConfig()
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | list[str] | None = None,

@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import torchvision
+import yaml
 from PIL import Image
 from timm.layers import BatchNormAct2d
 from torch import nn
@@ -22,9 +23,10 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.errors import UserError
-from finetune.export import compare_logits, export_run, load_exported, parse_formats
+from finetune.export import FILES, compare_logits, export_run, load_exported, parse_formats
 from finetune.fusion import fuse_bn, fuse_bn_with_report
 from finetune.inference import load_trained, predict_images
+from finetune.recipe import EXPORT_FORMATS
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 TOLERANCE = 1e-4
@@ -282,7 +284,7 @@ def test_predict_reads_an_export_folder(trained_run, exported, tmp_path):
 @pytest.mark.skipif(not HAS_ONNX, reason="onnx is not installed")
 def test_onnx_without_onnxruntime_is_written_and_noted(trained_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    result = export_run(trained_run, out=tmp_path / "out", formats=["onnx"], fuse=False)
+    result = export_run(trained_run, out=tmp_path / "out", formats=["onnx"], fuse_bn=False)
     assert "onnxruntime is not installed" in result.info["verification"]["results"]["onnx"][
         "skipped"]
     assert (tmp_path / "out" / "model.onnx").is_file() and result.info["verification"]["passed"]
@@ -298,6 +300,30 @@ def test_export_beyond_tolerance_exits_1_and_keeps_the_files_as_failed(trained_r
     failed = tmp_path / "out.failed"
     assert not out.exists() and (failed / "model.safetensors").is_file()
     assert json.loads((failed / "export.json").read_text())["verification"]["passed"] is False
+
+
+def test_the_recipes_export_section_sets_the_defaults(trained_run, tmp_path):
+    assert tuple(FILES) == EXPORT_FORMATS  # a file name for every format a recipe may name
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, symlinks=True, ignore=shutil.ignore_patterns("export"))
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["export"] = {"fuse_bn": False, "formats": ["safetensors"], "tolerance": 1e-3}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    info = export_run(run, out=tmp_path / "from-recipe").info
+    assert set(info["formats"]) == {"safetensors"} and info["fused"] is False
+    assert info["verification"]["tolerance"] == 1e-3
+    result = run_cli("export", str(run), "--fuse-bn", "--format", "pt2", "--tolerance", "1e-5",
+                     "--out", str(tmp_path / "from-options"), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert set(info["formats"]) == {"pt2"} and info["fused"] is True
+    assert info["verification"]["tolerance"] == 1e-5
+
+
+def test_an_unknown_format_in_the_recipe_is_refused_by_key(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(export={"formats": ["tflite"]}))
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2 and "export.formats" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("case", ["no checkpoint", "unknown format", "unwritable out"])

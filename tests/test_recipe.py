@@ -117,10 +117,17 @@ def test_every_shipped_recipe_is_valid(path):
 
 def test_section_keys_mirror_factory_arguments():
     """`model:` -> build_model(**model), `freeze:` -> freeze(**freeze), and so on."""
+    from finetune.export import export_run
     from finetune.freeze import freeze
     from finetune.model import build_model
     from finetune.optim import build_optimizer, lr_scale_factor, param_groups
-    from finetune.recipe import FreezeConfig, ModelConfig, OptimizerConfig, SchedulerConfig
+    from finetune.recipe import (
+        ExportConfig,
+        FreezeConfig,
+        ModelConfig,
+        OptimizerConfig,
+        SchedulerConfig,
+    )
     from finetune.schedule import build_scheduler
 
     def arguments(function) -> set[str]:
@@ -129,6 +136,7 @@ def test_section_keys_mirror_factory_arguments():
     assert set(ModelConfig.model_fields) <= arguments(build_model)
     assert set(FreezeConfig.model_fields) <= arguments(freeze)
     assert set(SchedulerConfig.model_fields) <= arguments(build_scheduler)
+    assert set(ExportConfig.model_fields) <= arguments(export_run)
     group_keys = {"param_groups", "no_decay", "layer_decay"}  # -> param_groups()
     scaling_keys = {"lr_scaling", "base_batch_size"}  # -> lr_scale_factor()
     optimizer_keys = set(OptimizerConfig.model_fields) - group_keys - scaling_keys
