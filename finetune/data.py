@@ -200,7 +200,8 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers:
                  collate_fn: Callable[[list], Any] | None = None, persistent_workers: bool = True,
                  prefetch_factor: int | None = None) -> DataLoader:
     """A loader. For training it drops the last incomplete batch so that every optimizer step
-    sees the same batch size (and shuffles, when no ``sampler`` is given).
+    sees the same batch size, unless this process's share holds one batch or less (and it
+    shuffles, when no ``sampler`` is given).
 
     Args:
         seed: seeds the loader's generator, from which each worker's ``random``, NumPy and torch
@@ -210,12 +211,13 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers:
         persistent_workers, prefetch_factor: only used with ``num_workers > 0``.
     """
     workers = num_workers > 0
+    items = len(sampler) if sampler is not None else len(dataset)  # this process's share
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
-        drop_last=train and len(dataset) > batch_size,
+        drop_last=train and items > batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=workers and persistent_workers,
@@ -225,31 +227,20 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers:
     )
 
 
-class BalancedSampler(Sampler[int]):
+class BalancedSampler(ShuffleShardSampler):
     """Each epoch draws as many items as the split has, with replacement, every class equally
     likely (``WeightedRandomSampler`` seeded with ``seed + epoch``), and deals them out to the
     processes as ``ShuffleShardSampler`` does. Call ``set_epoch`` before iterating."""
 
     def __init__(self, labels: Sequence[int], *, seed: int, batch_size: int, rank: int = 0,
                  world_size: int = 1) -> None:
+        super().__init__(len(labels), seed=seed, batch_size=batch_size, rank=rank,
+                         world_size=world_size)
         counts = np.bincount(labels)
         self.weights = torch.as_tensor(1.0 / counts[list(labels)], dtype=torch.float64)
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
-        global_batch = batch_size * world_size
-        usable = len(labels) - len(labels) % global_batch if len(labels) > global_batch else len(
-            labels)
-        self.per_rank = usable // world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        drawn = list(WeightedRandomSampler(self.weights, len(self.weights), generator=generator))
-        return iter(drawn[self.rank::self.world_size][:self.per_rank])
-
-    def __len__(self) -> int:
-        return self.per_rank
+    def epoch_order(self, generator: torch.Generator) -> list[int]:
+        return list(WeightedRandomSampler(self.weights, self.length, generator=generator))
 
 
 def build_train_sampler(kind: str, labels: Sequence[int], *, seed: int, batch_size: int,

@@ -47,25 +47,29 @@ class ShuffleShardSampler(Sampler[int]):
     """Each epoch: a permutation seeded by ``seed + epoch``, cut to whole global batches' worth,
     and dealt round-robin to the ``world_size`` processes (rank r takes every r-th index).
 
-    Call ``set_epoch`` before iterating. With ``drop_last``, the tail that would not fill a
-    batch on every process is dropped, so every process takes the same number of steps.
+    The tail that would not fill a batch on every process is dropped, so every process takes the
+    same number of steps; a split no larger than one global batch is used whole. Call
+    ``set_epoch`` before iterating.
     """
 
     def __init__(self, length: int, *, seed: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> None:
+                 world_size: int = 1) -> None:
         self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
         global_batch = batch_size * world_size
-        usable = length - length % global_batch if drop_last and length > global_batch else length
+        usable = length - length % global_batch if length > global_batch else length
         self.per_rank = usable // world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def epoch_order(self, generator: torch.Generator) -> list[int]:
+        """All indices of this epoch, in the order they are dealt."""
+        return torch.randperm(self.length, generator=generator).tolist()
+
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.length, generator=generator)
-        return iter(order[self.rank::self.world_size][:self.per_rank].tolist())
+        order = self.epoch_order(torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order[self.rank::self.world_size][:self.per_rank])
 
     def __len__(self) -> int:
         return self.per_rank

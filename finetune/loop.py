@@ -57,7 +57,7 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, num_classes
             top = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
             totals += torch.stack([
                 F.cross_entropy(logits, labels, reduction="sum"),
-                top[:, 0].sum(), top.any(dim=1).sum(), torch.tensor(len(labels)),
+                top[:, 0].sum(), top.any(dim=1).sum(), torch.tensor(len(labels), device=device),
             ]).to(totals)
             class_counts[0].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
             class_counts[1].index_add_(0, labels, top[:, 0].to(torch.float64))
@@ -80,30 +80,35 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     """One pass over ``loader``; returns train loss, accuracy and images per second.
 
     Labels may be class indices or, after mixup/cutmix, class probabilities (soft targets).
+    The running sums stay on the device: reading them (a host sync) is left to the progress bar,
+    which does so a few times a second at most.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = correct = seen = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss x images, correct
+    seen, batches = 0, len(loader)
     start = time.perf_counter()
     for index, (images, labels) in enumerate(loader):
         images, labels = runtime.to_device(images, labels)
-        boundary = (index + 1) % grad_accum_steps == 0 or index + 1 == len(loader)
+        window_start = index - index % grad_accum_steps
+        window = min(grad_accum_steps, batches - window_start)  # the last one may be shorter
+        boundary = index + 1 == window_start + window
         with runtime.no_sync(model, accumulating=not boundary):
             with runtime.autocast():
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels, weight=class_weights,
                                        label_smoothing=label_smoothing)
-            runtime.backward(loss / grad_accum_steps)
+            runtime.backward(loss / window)
         if boundary:
             runtime.step(optimizer, model, clip_grad_norm)
             if step_scheduler_per_batch:
                 scheduler.step()
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(dim=1) == hard_labels(labels)).sum().item()
+        correct = (logits.argmax(dim=1) == hard_labels(labels)).sum()
+        sums += torch.stack([loss.detach() * len(labels), correct]).to(sums)
         seen += len(labels)
-        progress.update(loss_sum / seen, correct / seen, seen / (time.perf_counter() - start))
+        progress.update(index + 1, sums, seen, time.perf_counter() - start)
     seconds = time.perf_counter() - start
-    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=runtime.device)
+    totals = torch.cat([sums, sums.new_tensor([seen])])
     loss_sum, correct, seen = runtime.all_reduce_sum(totals).tolist()  # over all processes
     return {"train/loss": loss_sum / seen, "train/top1": correct / seen,
             "img_per_s": seen / seconds, "seconds": seconds}
@@ -151,16 +156,19 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
                **skipped_images(train=train_loader, val=val_loader),
                "lr": next(iter(lrs.values())), **{f"lr/{k}": v for k, v in lrs.items()}}
         state.history.append(row)
+        diverged = not math.isfinite(row["train/loss"])
         if run is not None:
-            checkpoint = checkpoint_state(optimizer, scheduler, runtime, state)
-            run.save_checkpoint("last", runtime.unwrap(model), checkpoint)
-            if improved:
-                run.save_checkpoint("best", runtime.unwrap(model), checkpoint)
+            if not diverged:  # diverged weights must not replace the last good checkpoint
+                checkpoint = checkpoint_state(optimizer, scheduler, runtime, state)
+                run.save_checkpoint("last", runtime.unwrap(model), checkpoint)
+                if improved:
+                    run.save_checkpoint("best", runtime.unwrap(model), checkpoint)
             run.append_metrics(row)
         progress.end_epoch(row)
-        if not math.isfinite(row["train/loss"]):
+        if diverged:
             raise FloatingPointError(f"training loss became {row['train/loss']} at epoch "
-                                     f"{epoch}; lower optimizer.lr or set train.clip_grad_norm")
+                                     f"{epoch}; lower optimizer.lr or set train.clip_grad_norm "
+                                     f"(last/ holds epoch {epoch - 1})")
     return state
 
 

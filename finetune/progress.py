@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import sys
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    import torch
+
+STATS_INTERVAL_S = 0.5
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -35,6 +42,7 @@ class EpochProgress:
         self.interactive = enabled and sys.stdout.isatty()
         self._progress: Progress | None = None
         self._task = None
+        self._batches, self._stats, self._stats_time = 0, "", -math.inf
 
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
         if not self.interactive:
@@ -46,11 +54,20 @@ class EpochProgress:
         )
         self._progress.start()
         self._task = self._progress.add_task("train", total=batches, stats="")
+        self._batches, self._stats, self._stats_time = batches, "", -math.inf
 
-    def update(self, loss: float, top1: float, images_per_second: float) -> None:
-        if self._progress is not None:
-            stats = f"loss {loss:.4f}  acc {top1:.1%}  {images_per_second:.0f} img/s"
-            self._progress.update(self._task, advance=1, stats=stats)
+    def update(self, batches_done: int, sums: torch.Tensor, images: int, seconds: float
+               ) -> None:
+        """Advance the bar. ``sums`` (loss x images, correct) may live on the GPU: reading it
+        waits for the GPU to catch up, so it is read at most every ``STATS_INTERVAL_S``."""
+        if self._progress is None:
+            return
+        now = time.monotonic()
+        if now - self._stats_time >= STATS_INTERVAL_S or batches_done == self._batches:
+            loss, top1 = (sums / images).tolist()
+            self._stats = f"loss {loss:.4f}  acc {top1:.1%}  {images / seconds:.0f} img/s"
+            self._stats_time = now
+        self._progress.update(self._task, completed=batches_done, stats=self._stats)
 
     def end_epoch(self, row: dict[str, Any]) -> None:
         if self._progress is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,6 +146,12 @@ class Runtime:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def load_scaler_state(self, state: dict[str, Any]) -> None:
+        """Restore the fp16 loss scale. A run saved without loss scaling (fp32 or bf16, an empty
+        state) and resumed in fp16, say on a GPU without bf16, starts from a fresh scale."""
+        if state:
+            self.scaler.load_state_dict(state)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from finetune.augment import build_batch_transform
 from finetune.checkpoint import RunFolder, link_latest, new_run_dir, restore_rng_state, write_json
@@ -171,6 +171,7 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
             folder.write_summary(summary)
             _plot_curves(folder)
     runtime.barrier()
+    runtime.shutdown()  # leave the process group torchrun's job set up
     return RunResult(folder.path, summary)
 
 
@@ -182,40 +183,41 @@ def effective_batch_size(recipe: Recipe, runtime: Runtime) -> int:
 def build_loaders(prepared: Prepared) -> tuple[DataLoader, DataLoader]:
     """Training loader (shuffled per epoch, sharded over processes) and evaluation loader."""
     recipe, runtime, datasets = prepared.recipe, prepared.runtime, prepared.datasets
-    num_workers = resolve_num_workers(recipe.data.num_workers)
-    shards = {"rank": runtime.rank, "world_size": runtime.world_size}
-    workers = {"num_workers": num_workers, "pin_memory": runtime.pin_memory,
-               "persistent_workers": recipe.data.persistent_workers,
-               "prefetch_factor": recipe.data.prefetch_factor}
-    train_sampler = build_train_sampler(recipe.data.sampler, datasets.train.targets,
-                                        seed=recipe.seed, batch_size=recipe.data.batch_size,
-                                        **shards)
+    data = recipe.data
+    train_sampler = build_train_sampler(data.sampler, datasets.train.targets, seed=recipe.seed,
+                                        batch_size=data.batch_size, rank=runtime.rank,
+                                        world_size=runtime.world_size)
     train_loader = build_loader(
-        datasets.train, batch_size=recipe.data.batch_size, train=True, sampler=train_sampler,
-        seed=recipe.seed + runtime.rank, **workers,
-        collate_fn=build_batch_transform(recipe.data.augment, len(datasets.classes)))
-    val_loader = build_loader(datasets.val,
-                              batch_size=recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
-                              train=False, sampler=ShardSampler(len(datasets.val), **shards),
-                              **workers)
-    return train_loader, val_loader
+        datasets.train, batch_size=data.batch_size, train=True, sampler=train_sampler,
+        seed=recipe.seed + runtime.rank, num_workers=resolve_num_workers(data.num_workers),
+        pin_memory=runtime.pin_memory, persistent_workers=data.persistent_workers,
+        prefetch_factor=data.prefetch_factor,
+        collate_fn=build_batch_transform(data.augment, len(datasets.classes)))
+    return train_loader, eval_loader(prepared, datasets.val, once=False)
+
+
+def eval_loader(prepared: Prepared, dataset: Dataset, *, once: bool) -> DataLoader:
+    """An evaluation loader sharded over processes; ``once``: no workers kept between passes."""
+    data, runtime = prepared.recipe.data, prepared.runtime
+    return build_loader(dataset, batch_size=data.eval_batch_size or 2 * data.batch_size,
+                        train=False, num_workers=resolve_num_workers(data.num_workers),
+                        pin_memory=runtime.pin_memory,
+                        persistent_workers=data.persistent_workers and not once,
+                        prefetch_factor=data.prefetch_factor,
+                        sampler=ShardSampler(len(dataset), rank=runtime.rank,
+                                             world_size=runtime.world_size))
 
 
 def evaluate_test_split(prepared: Prepared, model: torch.nn.Module, folder: RunFolder
                         ) -> dict[str, Any] | None:
     """``data.test`` scored once with the ``best/`` weights (``test/loss``, ``test/top1``, ...)."""
-    datasets, runtime, recipe = prepared.datasets, prepared.runtime, prepared.recipe
+    datasets, runtime = prepared.datasets, prepared.runtime
     if datasets.test is None:
         return None
     runtime.barrier()  # rank 0 has written best/
     tensors, _ = folder.load_checkpoint("best")
     runtime.unwrap(model).load_state_dict(tensors)
-    loader = build_loader(datasets.test,
-                          batch_size=recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
-                          train=False, num_workers=resolve_num_workers(recipe.data.num_workers),
-                          pin_memory=runtime.pin_memory,
-                          sampler=ShardSampler(len(datasets.test), rank=runtime.rank,
-                                               world_size=runtime.world_size))
+    loader = eval_loader(prepared, datasets.test, once=True)
     metrics = evaluate(model, loader, runtime, len(datasets.classes))
     return {key.replace("val/", "test/"): value for key, value in metrics.items()}
 
@@ -263,7 +265,7 @@ def _restore(folder: RunFolder, model: torch.nn.Module, optimizer: torch.optim.O
     apply_unfreeze(optimizer, scheduler, unfreeze, saved["epoch"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    runtime.scaler.load_state_dict(saved["scaler"])
+    runtime.load_scaler_state(saved["scaler"])
     restore_rng_state(saved["rng"])
     history = [row for row in folder.read_metrics() if row["epoch"] <= saved["epoch"]]
     return LoopState(epoch=saved["epoch"], best_epoch=saved["best_epoch"],

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.data import build_loader
 from finetune.distributed import ShardSampler, ShuffleShardSampler
 from tests.conftest import make_image_folder, run_cli, tiny_recipe, write_recipe
 
@@ -21,6 +22,18 @@ def test_shards_of_a_global_batch_are_the_single_process_batch():
     for step in range(3):
         global_batch = ranks[0][4 * step: 4 * step + 4] + ranks[1][4 * step: 4 * step + 4]
         assert sorted(global_batch) == sorted(single[8 * step: 8 * step + 8])
+
+
+@pytest.mark.parametrize("length, world_size, batches", [(6, 2, 1), (10, 2, 1), (20, 2, 2)])
+def test_a_split_of_one_global_batch_or_less_still_trains(length, world_size, batches):
+    """6 images, 2 processes, batch 4: each process takes one batch of 3, not none."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(length))
+    loaders = [build_loader(dataset, batch_size=4, train=True, num_workers=0, pin_memory=False,
+                            sampler=ShuffleShardSampler(length, seed=0, batch_size=4, rank=rank,
+                                                        world_size=world_size))
+               for rank in range(world_size)]
+    assert [len(loader) for loader in loaders] == [batches] * world_size
+    assert all(len(list(loader)) == batches for loader in loaders)
 
 
 def test_evaluation_shards_cover_every_image_once():

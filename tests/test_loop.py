@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from finetune.checkpoint import RunFolder
 from finetune.data import build_loader
 from finetune.distributed import ShuffleShardSampler
 from finetune.loop import LoopState, evaluate, fit
@@ -44,18 +45,18 @@ def _bare_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None
     return model
 
 
-def _our_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None):
+def _our_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None, run=None):
     runtime = Runtime.create(device="cpu", precision="fp32", channels_last=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sampler = ShuffleShardSampler(len(dataset), seed=seed, batch_size=batch_size)
     loader = build_loader(dataset, batch_size=batch_size, train=True, num_workers=0,
                           pin_memory=False, sampler=sampler)
     scheduler = build_scheduler(optimizer, name="none", epochs=epochs,
-                                steps_per_epoch=len(loader) // accum)
+                                steps_per_epoch=-(-len(loader) // accum))
     fit(model, loader, build_loader(dataset, batch_size=64, train=False, num_workers=0,
                                     pin_memory=False),
         optimizer, scheduler, runtime, epochs=epochs, num_classes=3, state=LoopState(),
-        run=None, progress=EpochProgress(enabled=False), grad_accum_steps=accum,
+        run=run, progress=EpochProgress(enabled=False), grad_accum_steps=accum,
         clip_grad_norm=clip)
     return model
 
@@ -73,23 +74,24 @@ def test_loop_matches_a_bare_pytorch_loop(accum, clip):
         torch.testing.assert_close(actual, expected, msg=name)
 
 
-def test_accumulation_equals_a_larger_batch():
-    """Without BatchNorm, 2 x 8 accumulated equals one batch of 16."""
+@pytest.mark.parametrize("n", [32, 40])  # 40: the last window holds one batch, not two
+def test_accumulation_equals_a_larger_batch(n):
+    """Without BatchNorm, our loop with batches of 8 accumulated 2 by 2 equals batches of 16;
+    a last window of one batch steps on that batch's mean loss, not on half of it."""
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=3, img_size=32)
-    big = _bare_loop(copy.deepcopy(model), _data(), lr=0.01, batch_size=16, accum=1, seed=1,
+    data = _data(n=n)
+    ours = _our_loop(copy.deepcopy(model), data, lr=0.01, batch_size=8, accum=2, seed=1,
                      epochs=1)
-    # The same batches of 16, each fed as two halves of 8 with the loss halved.
-    accumulated = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(accumulated.parameters(), lr=0.01, momentum=0.9)
-    images_all, labels_all = _data().tensors
-    order = torch.randperm(32, generator=torch.Generator().manual_seed(2))  # seed 1 + epoch 1
+    big = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(big.parameters(), lr=0.01, momentum=0.9)
+    images_all, labels_all = data.tensors
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(2))  # seed 1 + epoch 1
     for batch in order.split(16):
-        for half in (batch[:8], batch[8:]):
-            (F.cross_entropy(accumulated(images_all[half]), labels_all[half]) / 2).backward()
+        F.cross_entropy(big(images_all[batch]), labels_all[batch]).backward()
         optimizer.step()
         optimizer.zero_grad()
-    for expected, actual in zip(big.state_dict().values(), accumulated.state_dict().values(),
+    for expected, actual in zip(big.state_dict().values(), ours.state_dict().values(),
                                 strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
@@ -118,8 +120,12 @@ def test_no_top5_below_five_classes():
     assert "val/top5" not in evaluate(model, loader, runtime, num_classes=3)
 
 
-def test_nan_loss_stops_with_a_clear_error():
+def test_nan_loss_stops_with_a_clear_error_and_keeps_no_diverged_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=3, img_size=32)
+    run = RunFolder(tmp_path / "run")
+    run.create()
     with pytest.raises(FloatingPointError, match="lower optimizer.lr"):
-        _our_loop(model, _data(), lr=1e12, batch_size=8, accum=1, seed=0, epochs=1)
+        _our_loop(model, _data(), lr=1e12, batch_size=8, accum=1, seed=0, epochs=1, run=run)
+    assert not (run.path / "last").exists() and not (run.path / "best").exists()
+    assert [row["epoch"] for row in run.read_metrics()] == [1]  # the diverged epoch is logged

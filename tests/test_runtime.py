@@ -47,3 +47,16 @@ def test_rank_and_world_size_come_from_the_environment(monkeypatch):
     runtime = Runtime.create(device="cpu")
     assert (runtime.rank, runtime.world_size, runtime.is_main) == (1, 2, False)
     assert joined == [torch.device("cpu")]  # torchrun's job is joined with the CPU backend
+
+
+def test_resuming_in_fp16_a_run_saved_without_loss_scaling():
+    """A bf16 or fp32 run saves an empty scaler state; resumed in fp16 it starts a fresh scale."""
+    saved_without = Runtime.create(device="cpu", precision="fp32").scaler.state_dict()
+    assert saved_without == {}
+    runtime = Runtime.create(device="cpu", precision="fp32")
+    runtime.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)  # fp16 stand-in
+    runtime.load_scaler_state(saved_without)
+    assert runtime.scaler.get_scale() == 1024.0
+    saved_with = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0).state_dict()
+    runtime.load_scaler_state(saved_with)
+    assert runtime.scaler.get_scale() == 8.0
