@@ -243,6 +243,9 @@ def _add_group(optimizer: torch.optim.Optimizer, scheduler: Any, group: dict[str
     for key in ("max_lr", "min_lr"):  # OneCycleLR keeps these in each group
         if key in reference:
             new[key] = reference[key] * ratio
+    for key in ("base_momentum", "max_momentum", "momentum", "betas"):  # cycled momentum
+        if key in reference:
+            new[key] = reference[key]
     optimizer.add_param_group(new)
     for schedule in _schedulers(scheduler):
         # Per-group lists that torch's schedulers zip (strictly) with optimizer.param_groups.
@@ -250,6 +253,10 @@ def _add_group(optimizer: torch.optim.Optimizer, scheduler: Any, group: dict[str
             values = getattr(schedule, attribute, None)
             if isinstance(values, list) and values:
                 values.append(values[0] * ratio)
+        for attribute in ("base_momentums", "max_momentums"):  # CyclicLR's, not LR-scaled
+            values = getattr(schedule, attribute, None)
+            if isinstance(values, list) and values:
+                values.append(values[0])
         if isinstance(getattr(schedule, "min_lrs", None), list):  # ReduceLROnPlateau's floor
             schedule.min_lrs.append(schedule.min_lrs[0])
         if isinstance(getattr(schedule, "_last_lr", None), list):

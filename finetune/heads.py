@@ -96,7 +96,9 @@ def mlp_head(in_features: int, num_classes: int, hidden: Sequence[int] = (512,),
 
 # ------------------------------------------------------------------------------ initialisation
 INITIALIZERS: dict[str, Callable[[nn.Parameter], object]] = {
-    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"),
+    # fan_in keeps the forward signal's scale. fan_out (torchvision's choice for convolutions)
+    # would give a classifier with few classes weights of std ~ sqrt(2 / classes): huge logits.
+    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu"),
     "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
     "xavier": nn.init.xavier_uniform_,
     # Cut at two standard deviations: torch's default bounds (+-2) are absolute, not in stds.

@@ -45,7 +45,11 @@ def check_backbone_name(backbone: str) -> None:
     else:
         import timm
 
-        known, name = timm.list_models(), backbone
+        source, name = timm.models.parse_model_name(backbone)
+        if source is not None:
+            return  # hf-hub: or local-dir: names are resolved (and checked) when created
+        _, tag = timm.models.split_model_name_tag(name)
+        known = timm.list_pretrained() if tag else timm.list_models()  # resnet50.a1_in1k
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
         hint = f"; close names: {', '.join(close)}" if close else ""

@@ -94,11 +94,16 @@ def _exponential(optimizer: torch.optim.Optimizer, span: Span, *, gamma: float |
 def _cosine(optimizer: torch.optim.Optimizer, span: Span, *, min_lr: float,
             cycle_epochs: float | None, cycle_mult: int, lr_scale: float,
             **_: Any) -> lr_scheduler.LRScheduler:
+    floor = min_lr * lr_scale
+    below = [f"{group.get('name', i)} ({group['lr']:g})"
+             for i, group in enumerate(optimizer.param_groups) if group["lr"] < floor]
+    if below:  # torch's cosine runs from each group's LR to the one floor: these would rise
+        raise UserError(f"scheduler.min_lr: {floor:g} is above the learning rate of group(s) "
+                        f"{', '.join(below)}; cosine would raise them; lower min_lr")
     if cycle_epochs is None:
-        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=span.after_warmup,
-                                              eta_min=min_lr * lr_scale)
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=span.after_warmup, eta_min=floor)
     return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=span.steps(cycle_epochs),
-                                                    T_mult=cycle_mult, eta_min=min_lr * lr_scale)
+                                                    T_mult=cycle_mult, eta_min=floor)
 
 
 def _poly(optimizer: torch.optim.Optimizer, span: Span, *, power: float,

@@ -150,22 +150,24 @@ def test_unfreeze_adds_a_group_that_the_scheduler_knows():
     assert len(scheduler.get_last_lr()) == 2
 
 
-@pytest.mark.parametrize("schedule", ["cyclic", "onecycle", "poly"])
-def test_unfreeze_group_follows_schedules_that_keep_lrs_per_group(schedule):
-    """CyclicLR keeps base and max LRs per group, OneCycleLR keeps them in the groups."""
+@pytest.mark.parametrize("schedule, cycle_momentum", [
+    ("cyclic", False), ("cyclic", True), ("onecycle", False), ("onecycle", True), ("poly", False)])
+def test_unfreeze_group_follows_schedules_that_keep_lrs_per_group(schedule, cycle_momentum):
+    """CyclicLR keeps base and max LRs (and momentums) per group, OneCycleLR in the groups."""
     model = timm.create_model("test_resnet", num_classes=3)
     stage = _stage(model, ["layer2.*"], epoch=2, lr=0.01)
     optimizer = torch.optim.SGD(param_groups(model, lr=0.1), lr=0.1, momentum=0.9)
     scheduler = build_scheduler(optimizer, name=schedule, epochs=4, steps_per_epoch=3,
-                                max_lr=0.5)
+                                max_lr=0.5, cycle_momentum=cycle_momentum)
     for step in range(10):
         if step == 4:
             apply_unfreeze(optimizer, scheduler, [stage], epoch=2)
         optimizer.step()
         scheduler.step()
         if step >= 4:
-            old, new = (g["lr"] for g in optimizer.param_groups)
-            assert new == pytest.approx(old * 0.1)
+            old, new = optimizer.param_groups
+            assert new["lr"] == pytest.approx(old["lr"] * 0.1)
+            assert new["momentum"] == pytest.approx(old["momentum"])
 
 
 def test_resumed_optimizer_and_scheduler_need_the_group_first():

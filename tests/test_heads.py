@@ -92,8 +92,9 @@ def test_initialisation_of_new_layers():
     assert trunc[0].weight.abs().max() <= 0.04 and torch.count_nonzero(trunc[0].bias) == 0
     xavier = head("xavier")[0].weight
     assert xavier.abs().max() <= (6 / (64 + 256)) ** 0.5
-    kaiming = head("kaiming_normal")[0].weight  # fan_out: std sqrt(2 / 256)
-    assert kaiming.std().item() == pytest.approx((2 / 256) ** 0.5, rel=0.1)
+    kaiming = head("kaiming_normal")  # fan_in: std sqrt(2 / 64), sqrt(2 / 256) for the last
+    assert kaiming[0].weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.1)
+    assert kaiming[-1].weight.std().item() == pytest.approx((2 / 256) ** 0.5, rel=0.2)
     uniform = head("kaiming_uniform")[0].weight  # fan_in: bound sqrt(6 / 64)
     assert uniform.abs().max() <= (6 / 64) ** 0.5
 

@@ -46,6 +46,15 @@ def test_unknown_backbone_lists_close_names():
         check_backbone_name("resnet_50")
     with pytest.raises(UserError, match="resnet18"):
         check_backbone_name("torchvision:resnet_18")
+    with pytest.raises(UserError, match="resnet10t.c3_in1k"):
+        check_backbone_name("resnet10t.c3_in1kk")  # a pretrained tag that does not exist
+
+
+def test_timm_pretrained_tags_and_hub_names_are_accepted():
+    check_backbone_name("resnet10t.c3_in1k")
+    check_backbone_name("hf-hub:timm/resnet10t.c3_in1k")  # checked when created
+    built = build_model(backbone="resnet10t.c3_in1k", num_classes=4, pretrained=False)
+    assert built.model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
 
 
 def test_weights_from_a_file_are_loaded_and_reported(tmp_path):

@@ -372,3 +372,10 @@ def test_loop_follows_a_per_group_lambda_schedule_with_warmup(tmp_path):
         assert logged == pytest.approx([lr for _, _, lr in preview[group][-2:]], rel=1e-9)
     state = torch.load(result.run_dir / "last" / "state.pt", weights_only=True)
     assert state["scheduler"]["_schedulers"][1]["lr_lambdas"] == [None, None]  # not saved
+
+
+def test_a_cosine_floor_above_a_groups_lr_is_refused():
+    """torch's cosine runs every group to the one min_lr: a group below it would rise."""
+    floor = (BASE_LRS[0] + BASE_LRS[1]) / 2
+    with pytest.raises(UserError, match=r"scheduler.min_lr: .* group\(s\) default"):
+        build_scheduler(two_groups(), name="cosine", epochs=2, steps_per_epoch=3, min_lr=floor)
