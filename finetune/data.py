@@ -175,13 +175,13 @@ def _check_same_classes(train: list[str], val: list[str], train_where: str, val_
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (train, val): ``fraction`` of each class to val (at least one), chosen with
-    ``seed``."""
+    """Indices (train, val): ``fraction`` of each class to val, chosen with ``seed``; at least
+    one image of a class goes to val, and at least one stays in train."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in sorted(set(labels)):
         members = rng.permutation([i for i, y in enumerate(labels) if y == label]).tolist()
-        count = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
+        count = min(max(1, round(len(members) * fraction)), len(members) - 1)
         val += members[:count]
         train += members[count:]
     return sorted(train), sorted(val)

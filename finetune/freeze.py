@@ -173,7 +173,7 @@ def schedule_unfreeze(frozen: list[str], steps: Sequence[UnfreezeRule]) -> list[
     """Resolve each step (in epoch order) to the frozen parameters it will make trainable.
 
     A parameter belongs to the earliest step that matches it. A pattern that matches no frozen
-    parameter is an error: it would unfreeze nothing.
+    parameter, or a step left with nothing to unfreeze, is an error.
     """
     claimed: set[str] = set()
     scheduled = []
@@ -183,6 +183,9 @@ def schedule_unfreeze(frozen: list[str], steps: Sequence[UnfreezeRule]) -> list[
             raise UserError(f"freeze.unfreeze (epoch {step.epoch}): these patterns match no "
                             "frozen parameter", unmatched)
         names = [n for n in frozen if n not in claimed and _matches(n, step.patterns)]
+        if not names:
+            raise UserError(f"freeze.unfreeze (epoch {step.epoch}): an earlier step already "
+                            "unfreezes every parameter these patterns match", step.patterns)
         claimed.update(names)
         scheduled.append(ScheduledUnfreeze(step.epoch, list(step.patterns), step.lr, names))
     return scheduled

@@ -748,6 +748,14 @@ class Recipe(Section):
     output: OutputConfig = OutputConfig()
     export: ExportConfig = ExportConfig()
 
+    @model_validator(mode="after")
+    def _unfreeze_within_training(self) -> Recipe:
+        late = sorted(step.epoch for step in self.freeze.unfreeze if step.epoch > self.train.epochs)
+        if late:
+            raise ValueError(f"freeze.unfreeze: epoch(s) {late} come after the last epoch "
+                             f"(train.epochs {self.train.epochs}); they would never happen")
+        return self
+
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | list[str] | None = None,
              check_paths: bool = True) -> Recipe:

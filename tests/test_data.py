@@ -246,6 +246,10 @@ def test_val_split_is_stratified_and_seeded():
     assert sorted(train + val) == list(range(len(labels)))
     assert stratified_split(labels, 0.2, seed=0) == (train, val)
     assert stratified_split(labels, 0.2, seed=1)[1] != val
+    few = [0, 0, 1, 1, 1, 1]
+    train, val = stratified_split(few, 0.75, seed=0)  # every class keeps a training image
+    assert Counter(few[i] for i in val) == {0: 1, 1: 3}
+    assert Counter(few[i] for i in train) == {0: 1, 1: 1}
 
 
 def test_balanced_sampler_draws_classes_equally_seeded_per_epoch():

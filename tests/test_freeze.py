@@ -125,6 +125,21 @@ def test_unfreeze_pattern_matching_no_frozen_parameter_is_an_error():
     assert _frozen(model) == set()  # checked before anything was frozen
 
 
+def test_unfreeze_step_left_with_nothing_to_unfreeze_is_an_error():
+    model = timm.create_model("test_resnet", num_classes=3)
+    steps = [UnfreezeStep(epoch=2, patterns=["layer*"]),
+             UnfreezeStep(epoch=3, patterns=["layer1.*"])]
+    with pytest.raises(UserError, match="epoch 3.*already unfreezes"):
+        freeze(model, until="layer4", unfreeze=steps)
+
+
+def test_unfreeze_after_the_last_epoch_is_refused_by_key():
+    with pytest.raises(UserError) as caught:
+        Recipe.from_dict(tiny_recipe(freeze={"until": "layer3", "unfreeze": [
+            {"epoch": 9, "patterns": ["layer2.*"]}]}, train={"epochs": 3}))
+    assert any("freeze.unfreeze: epoch(s) [9]" in line for line in caught.value.problems)
+
+
 def test_unfreeze_adds_a_group_that_the_scheduler_knows():
     """A scheduler built before add_param_group: warmup then cosine, stepped across the switch."""
     model = timm.create_model("test_resnet", num_classes=3)
