@@ -9,7 +9,6 @@ parameters trainable at the start of a given epoch and adds them to the optimize
 
 from __future__ import annotations
 
-import fnmatch
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import UserError
+from finetune.patterns import matches_any, unmatched_patterns
 
 
 class UnfreezeRule(Protocol):
@@ -87,7 +87,7 @@ def freeze(
     patterns = list(patterns)
     names = [name for name, _ in model.named_parameters()]
     _check_patterns("freeze.patterns", patterns, names)
-    to_freeze = {name for name in names if _matches(name, patterns)}
+    to_freeze = {name for name in names if matches_any(name, patterns)}
     if until is not None:
         to_freeze |= set(parameters_before(model, until))
     frozen = [name for name, param in model.named_parameters()
@@ -107,12 +107,8 @@ def freeze(
     )
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-
-
 def _check_patterns(key: str, patterns: list[str], names: list[str]) -> None:
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    unmatched = unmatched_patterns(patterns, names)
     if unmatched:
         example = f" (names look like {names[0]!r}, {names[-1]!r})" if names else ""
         raise UserError(f"{key}: these patterns match no parameter{example}", unmatched)
@@ -178,11 +174,11 @@ def schedule_unfreeze(frozen: list[str], steps: Sequence[UnfreezeRule]) -> list[
     claimed: set[str] = set()
     scheduled = []
     for step in sorted(steps, key=lambda s: s.epoch):
-        unmatched = [p for p in step.patterns if not any(fnmatch.fnmatchcase(n, p) for n in frozen)]
+        unmatched = unmatched_patterns(step.patterns, frozen)
         if unmatched:
             raise UserError(f"freeze.unfreeze (epoch {step.epoch}): these patterns match no "
                             "frozen parameter", unmatched)
-        names = [n for n in frozen if n not in claimed and _matches(n, step.patterns)]
+        names = [n for n in frozen if n not in claimed and matches_any(n, step.patterns)]
         if not names:
             raise UserError(f"freeze.unfreeze (epoch {step.epoch}): an earlier step already "
                             "unfreezes every parameter these patterns match", step.patterns)

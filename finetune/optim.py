@@ -8,7 +8,6 @@ parameters no rule matches form the ``default`` group with the optimizer's own `
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import inspect
 import os
 from collections.abc import Collection, Sequence
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from finetune.errors import UserError
+from finetune.patterns import matches_any, unmatched_patterns
 from finetune.recipe import ParamGroupRule
 
 # torch's own optimizers, under torch's names and with torch's defaults. Every other name is
@@ -83,7 +83,7 @@ def param_groups(
     for name, param in named:
         if (not param.requires_grad) if names is None else (name not in names):
             continue
-        rule = next((r for r in rules if fnmatch.fnmatchcase(name, r.match)), None)
+        rule = next((r for r in rules if matches_any(name, [r.match])), None)
         group_name, group_lr, group_wd = _group_values(rule, lr, weight_decay)
         rule_name = group_name
         if layer_decay is not None and (rule is None or rule.lr is None):
@@ -102,7 +102,7 @@ def param_groups(
 
 def _check_rules(rules: Sequence[ParamGroupRule], named: list[tuple[str, nn.Parameter]]) -> None:
     for index, rule in enumerate(rules):
-        if not any(fnmatch.fnmatchcase(name, rule.match) for name, _ in named):
+        if unmatched_patterns([rule.match], (name for name, _ in named)):
             raise UserError(f"optimizer.param_groups.{index}.match: {rule.match!r} matches no "
                             f"parameter (names look like {named[0][0]!r}, {named[-1][0]!r})")
 
@@ -137,7 +137,7 @@ def _exempt_from_decay(name: str, param: nn.Parameter, kinds: set[str], embed: s
         return True
     if "norm" in kinds and param.ndim <= 1 and not name.endswith("bias"):
         return True
-    return "embed" in kinds and any(fnmatch.fnmatchcase(name, pattern) for pattern in embed)
+    return "embed" in kinds and matches_any(name, embed)
 
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:

@@ -42,20 +42,18 @@ class Plan:
     unfreeze: list[UnfreezeStage]
 
 
-def build_plan(recipe: Recipe, *, num_classes: int | None = None, lr: float | None = None
-               ) -> Plan:
+def build_plan(recipe: Recipe, *, num_classes: int | None = None) -> Plan:
     """Build the recipe's model with its weights, freezing and parameter groups; no data.
 
     Args:
         num_classes: by default ``model.num_classes``, else what ``data.train`` declares without
             reading an image (``classes_from_data``).
-        lr: the base LR, when the recipe's is ``auto`` (found by the LR range test).
 
     Torch is seeded with ``recipe.seed`` first, so the new head starts from the same weights as
     in ``finetune run``.
     """
     opt = recipe.optimizer
-    lr = lr if lr is not None else opt.lr
+    lr = opt.lr  # `finetune run` resolves `auto` (the LR range test) before it plans
     if not isinstance(lr, (int, float)):
         raise UserError(f"optimizer.lr: {lr!r} is found when training starts; to plan, give a "
                         "number, e.g. --set optimizer.lr=0.01")

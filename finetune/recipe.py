@@ -861,7 +861,10 @@ def describe_errors(error: ValidationError) -> list[str]:
             lines.append(f"{key}: required key is missing")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {message} (got {item.get('input')!r})")
+            got = item.get("input")
+            if not isinstance(got, dict):  # a whole section's check names its keys itself
+                message += f" (got {got!r})"
+            lines.append(f"{key}: {message}" if loc else message)
     return lines
 
 

@@ -8,7 +8,6 @@ returns a ``LoadReport`` that names everything it did not load, so nothing is dr
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import pickle
 import re
 from collections import Counter
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from finetune.errors import UserError
+from finetune.patterns import matches_any, unmatched_patterns
 
 WEIGHTS_FILE = "model.safetensors"
 TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
@@ -287,12 +287,11 @@ def _sort_keys(renamed: dict[str, torch.Tensor], target: Mapping[str, torch.Tens
                ) -> dict[str, torch.Tensor]:
     """Put each renamed file key in ``excluded``, ``unexpected``, ``mismatched`` or the result."""
     for rule, patterns in (("include", include), ("exclude", exclude)):
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(k, pattern) for k in renamed):
-                report.notes.append(f"{rule} pattern {pattern!r} matched no key of the file")
+        for pattern in unmatched_patterns(patterns, renamed):
+            report.notes.append(f"{rule} pattern {pattern!r} matched no key of the file")
     to_load = {}
     for key, tensor in renamed.items():
-        if (include and not _matches(key, include)) or _matches(key, exclude):
+        if (include and not matches_any(key, include)) or matches_any(key, exclude):
             report.excluded.append(key)
         elif key not in target:
             report.unexpected.append(key)
@@ -307,12 +306,8 @@ def _sort_keys(renamed: dict[str, torch.Tensor], target: Mapping[str, torch.Tens
     return to_load
 
 
-def _matches(key: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
-
-
 def _check_strict(report: LoadReport, new_head: list[str]) -> None:
-    unloaded = [key for key in report.missing if not _matches(key, new_head)]
+    unloaded = [key for key in report.missing if not matches_any(key, new_head)]
     if unloaded:
         raise UserError(f"{report.source}: strict load (model.load.strict) left "
                         f"{len(unloaded)} of the model's tensors unloaded", unloaded[:20])

@@ -22,6 +22,7 @@ SURGERY = {
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1.0e-4,
                   "no_decay": True, "param_groups": [{"match": "fc.*", "lr": 0.5},
                                                      {"match": "layer4.*", "lr_mult": 0.1}]},
+    "train": {"epochs": 6, "device": "cpu"},
 }
 
 
