@@ -65,11 +65,16 @@ def new_run_dir(output_dir: Path, name: str) -> Path:
 
 
 def link_latest(run_dir: Path) -> None:
-    """Point ``<run_dir>/../latest`` at this run (replacing the link atomically)."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    """Point ``<run_dir>/../latest`` at this run."""
+    replace_with_link(run_dir.parent / "latest", run_dir.name)
+
+
+def replace_with_link(link: Path, target: str) -> None:
+    """Make ``link`` a symbolic link to ``target`` (relative to it), atomically, replacing any
+    link or file there (a run folder copied with its links followed holds a file)."""
+    tmp = link.parent / f".{link.name}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name)
+    tmp.symlink_to(target)
     os.replace(tmp, link)
 
 
@@ -126,8 +131,8 @@ class RunFolder:
         os.close(fd)
         torch.save(state, tmp)
         os.replace(tmp, folder / STATE_FILE)
-        if tag == "best" and not (self.path / WEIGHTS_FILE).is_symlink():
-            (self.path / WEIGHTS_FILE).symlink_to(Path(tag) / WEIGHTS_FILE)
+        if tag == "best":
+            replace_with_link(self.path / WEIGHTS_FILE, f"{tag}/{WEIGHTS_FILE}")
 
     def load_checkpoint(self, tag: str = "last") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(model tensors, state) of ``<tag>/``, checked to belong to the same epoch."""

@@ -83,6 +83,19 @@ def test_run_writes_the_whole_run_folder(tmp_path, image_folder):
     assert {"optimizer", "scheduler", "scaler", "epoch", "rng"} <= set(state)
 
 
+def test_a_copied_run_folder_gets_its_model_link_back(tmp_path):
+    """`cp -rL` leaves model.safetensors as a file; the next best/ save makes it a link again."""
+    from finetune.checkpoint import RunFolder
+
+    folder = RunFolder(tmp_path / "copy")
+    folder.create()
+    (folder.path / "model.safetensors").write_bytes(b"a dereferenced copy")
+    folder.save_checkpoint("best", torch.nn.Linear(2, 2), {"epoch": 1})
+    link = folder.path / "model.safetensors"
+    assert link.is_symlink() and link.resolve() == (folder.path / "best" /
+                                                    "model.safetensors").resolve()
+
+
 def test_default_run_folder_and_latest_link(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(train={"epochs": 1, "device": "cpu"}))
     result = run_cli("run", str(path), "--set", f"output.dir={tmp_path / 'out'}")
