@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import timm
@@ -129,3 +130,29 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_no_diverged_checkpoint(tmp_
         _our_loop(model, _data(), lr=1e12, batch_size=8, accum=1, seed=0, epochs=1, run=run)
     assert not (run.path / "last").exists() and not (run.path / "best").exists()
     assert [row["epoch"] for row in run.read_metrics()] == [1]  # the diverged epoch is logged
+
+
+class _CountingSums:
+    """Stands in for the loop's device tensor of sums and counts how often it is read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __truediv__(self, images: int) -> torch.Tensor:
+        self.reads += 1
+        return torch.tensor([0.5, 0.25])
+
+
+def test_the_progress_bar_reads_the_running_sums_a_few_times_not_every_batch():
+    """Reading device values waits for the GPU: the bar does it at most every 0.5 s, and once
+    at the end of the epoch, however many batches there are."""
+    from rich.console import Console
+
+    progress = EpochProgress(console=Console(file=io.StringIO(), force_terminal=True))
+    progress.interactive = True
+    sums = _CountingSums()
+    progress.start_epoch(1, 1, batches=1000)
+    for batch in range(1, 1001):
+        progress.update(batch, sums, images=8 * batch, seconds=1.0)
+    progress.end_epoch({"epoch": 1, "epochs": 1})
+    assert 2 <= sums.reads <= 10  # the first batch, the last, and about twice a second between
