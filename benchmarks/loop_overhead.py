@@ -18,9 +18,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from finetune.loop import train_one_epoch
+from finetune.loop import FitOptions, train_one_epoch
 from finetune.progress import EpochProgress
 from finetune.runtime import Runtime
+from finetune.schedule import build_scheduler
 
 
 def bare_epoch(model, batches, optimizer, device) -> float:
@@ -39,9 +40,7 @@ def bare_epoch(model, batches, optimizer, device) -> float:
 
 def our_epoch(model, batches, optimizer, runtime, scheduler) -> float:
     metrics = train_one_epoch(model, batches, optimizer, scheduler, runtime,
-                              EpochProgress(enabled=False), grad_accum_steps=1,
-                              clip_grad_norm=None, label_smoothing=0.0,
-                              step_scheduler_per_batch=True)
+                              EpochProgress(enabled=False), FitOptions(epochs=1, num_classes=10))
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     return metrics["img_per_s"]
@@ -63,7 +62,7 @@ def main() -> None:
     bare_model = timm.create_model(args.model, num_classes=10).to(runtime.device)
     ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.01, momentum=0.9)
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.ConstantLR(ours_opt, factor=1.0, total_iters=0)
+    scheduler = build_scheduler(ours_opt, name="none", epochs=1, steps_per_epoch=len(batches))
     our_epoch(ours_model, batches[:1], ours_opt, runtime, scheduler)  # warm-up
     bare_epoch(bare_model, batches[:1], bare_opt, runtime.device)
     ratios = []

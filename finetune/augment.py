@@ -4,14 +4,16 @@ A training image goes through a fixed order of stages, each augmentation in its 
 order the recipe lists it::
 
     size      resize + center_crop | random_crop, or random_resized_crop  -> image_size
-    geometry  hflip, vflip, rotate, rotate90
-    colour    color_jitter, autoaugment, randaugment, trivialaugment, gaussian_blur   (uint8)
+    uint8     geometry (hflip, vflip, rotate, rotate90) and colour (color_jitter, autoaugment,
+              randaugment, trivialaugment, gaussian_blur), together in the recipe's order
     float     to float in [0, 1], then gaussian_noise
     normalise data.normalize: once, here, and nowhere else
     erase     random_erasing (after normalisation, as timm does: 0 is the mean colour)
     batch     mixup, cutmix: on the whole batch, in the loader's collate_fn (soft labels)
 
 Evaluation uses resize to ``image_size / crop_pct`` and a centre crop, or ``data.eval_transforms``.
+Each augmentation's stage and arguments are in its registry entry
+(``finetune.config.augment.AUGMENTATIONS``); ``BUILDERS`` below makes its transform.
 """
 
 from __future__ import annotations
@@ -23,29 +25,30 @@ import torch
 from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode, v2
 
+from finetune.config.augment import AUGMENTATIONS, Augmentation, parse_augmentations
+from finetune.config.data import DataConfig
 from finetune.errors import UserError
-from finetune.recipe import AUGMENTATIONS, DataConfig, Section
 
-BATCH = ("mixup", "cutmix")
-# The stage of each augmentation that does not run on uint8 images between size and float.
-STAGES = {"resize": "size", "center_crop": "size", "random_crop": "size",
-          "random_resized_crop": "size", "gaussian_noise": "float", "random_erasing": "erase",
-          "mixup": "batch", "cutmix": "batch"}
-
-
-def _args(name: str, given: dict[str, Any]) -> Any:
-    """The validated argument object of augmentation ``name``, defaults filled in."""
-    model: type[Section] = AUGMENTATIONS[name][0]
-    return model(**given)
+BATCH = tuple(name for name, spec in AUGMENTATIONS.items() if spec.stage == "batch")
 
 
 def _maybe(transform: v2.Transform, p: float) -> v2.Transform:
     return transform if p >= 1 else v2.RandomApply([transform], p=p)
 
 
-# One builder per augmentation: (arguments, image_size) -> a v2 transform. Size transforms are
-# assembled by `_size_steps`, batch transforms by `build_batch_transform`.
-BUILDERS: dict[str, Callable[[Any, int], v2.Transform]] = {
+# One builder per augmentation of the registry (``finetune.config.augment.AUGMENTATIONS``, the
+# same names: a test checks it): (its arguments, n) -> a transform, where n is the side the
+# transform produces (``_size_steps`` passes it for the size stage, ``image_size`` otherwise) or,
+# for the batch stage, the number of classes.
+BUILDERS: dict[str, Callable[[Any, int], Callable[..., Any]]] = {
+    "resize": lambda a, size: v2.Resize(
+        a.size or size, interpolation=InterpolationMode(a.interpolation), antialias=True),
+    "center_crop": lambda a, size: v2.CenterCrop(a.size or size),
+    "random_crop": lambda a, size: v2.RandomCrop(
+        size, padding=a.padding or None, pad_if_needed=True, padding_mode=a.padding_mode),
+    "random_resized_crop": lambda a, size: v2.RandomResizedCrop(
+        size, scale=a.scale, ratio=a.ratio, interpolation=InterpolationMode(a.interpolation),
+        antialias=True),
     "hflip": lambda a, size: v2.RandomHorizontalFlip(p=a.p),
     "vflip": lambda a, size: v2.RandomVerticalFlip(p=a.p),
     "rotate": lambda a, size: v2.RandomRotation(a.degrees, fill=a.fill),
@@ -64,6 +67,8 @@ BUILDERS: dict[str, Callable[[Any, int], v2.Transform]] = {
         v2.GaussianNoise(mean=a.mean, sigma=a.sigma, clip=a.clip), a.p),
     "random_erasing": lambda a, size: v2.RandomErasing(p=a.p, scale=a.scale, ratio=a.ratio,
                                                        value=a.value),
+    "mixup": lambda a, num_classes: v2.MixUp(alpha=a.alpha, num_classes=num_classes),
+    "cutmix": lambda a, num_classes: v2.CutMix(alpha=a.alpha, num_classes=num_classes),
 }
 
 
@@ -95,40 +100,34 @@ def build_transforms(data: DataConfig, mean: Sequence[float] | None,
         train: random augmentations for training; deterministic resize and crop otherwise.
     """
     chosen = data.augment if train else data.eval_transforms
-    given = [(name, _args(name, args)) for item in chosen for name, args in item.items()]
 
-    def stage(kind: str) -> list[v2.Transform]:
-        return [BUILDERS[name](args, data.image_size) for name, args in given
-                if STAGES.get(name, "uint8") == kind]
+    def stage(kind: str) -> list[Callable[[Any], Any]]:
+        return [BUILDERS[item.name](item.args, data.image_size) for item in chosen
+                if item.spec.stage == kind]
 
     steps: list[Callable[[Any], Any]] = [
-        v2.ToImage(), RejectNormalized(), *_size_steps(dict(given), data.image_size,
-                                                       data.crop_pct),
+        v2.ToImage(), RejectNormalized(), *_size_steps(chosen, data.image_size, data.crop_pct),
         *stage("uint8"), v2.ToDtype(torch.float32, scale=True), *stage("float")]
     if mean is not None:
         steps.append(v2.Normalize(mean=list(mean), std=list(std)))
     return v2.Compose(steps + stage("erase"))
 
 
-def _size_steps(given: dict[str, Any], image_size: int, crop_pct: float) -> list[v2.Transform]:
+def _size_steps(chosen: Sequence[Augmentation], image_size: int, crop_pct: float
+                ) -> list[Callable[[Any], Any]]:
     """To ``image_size``: a random resized crop, or a resize then a centre (or random) crop."""
+    given = {item.name: item.args for item in chosen}
+
+    def args(name: str) -> Any:  # as given, or the defaults
+        return given.get(name) or AUGMENTATIONS[name].args()
+
     if "random_resized_crop" in given:
-        a = given["random_resized_crop"]
-        return [v2.RandomResizedCrop(image_size, scale=a.scale, ratio=a.ratio,
-                                     interpolation=InterpolationMode(a.interpolation),
-                                     antialias=True)]
-    resize = given.get("resize") or _args("resize", {})
-    steps: list[v2.Transform] = [v2.Resize(
-        resize.size or round(image_size / crop_pct), interpolation=InterpolationMode(
-            resize.interpolation), antialias=True)]
-    crop = given.get("center_crop") or _args("center_crop", {})
+        return [BUILDERS["random_resized_crop"](given["random_resized_crop"], image_size)]
+    resize = BUILDERS["resize"](args("resize"), round(image_size / crop_pct))
+    crop_size = args("center_crop").size or image_size
     if "random_crop" in given:
-        a = given["random_crop"]
-        steps.append(v2.RandomCrop(crop.size or image_size, padding=a.padding or None,
-                                   pad_if_needed=True, padding_mode=a.padding_mode))
-    else:
-        steps.append(v2.CenterCrop(crop.size or image_size))
-    return steps
+        return [resize, BUILDERS["random_crop"](given["random_crop"], crop_size)]
+    return [resize, BUILDERS["center_crop"](args("center_crop"), image_size)]
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -144,12 +143,20 @@ class MixCollate:
         return self.mix(images, labels)
 
 
-def build_batch_transform(augment: list[dict[str, dict[str, Any]]], num_classes: int
-                          ) -> MixCollate | None:
-    """The training loader's ``collate_fn`` for ``mixup``/``cutmix``; ``None`` without them."""
-    makers = {"mixup": v2.MixUp, "cutmix": v2.CutMix}
-    mixes = [makers[name](alpha=_args(name, args).alpha, num_classes=num_classes)
-             for item in augment for name, args in item.items() if name in BATCH]
+def build_batch_transform(augment: Sequence[Augmentation | str | dict[str, Any]],
+                          num_classes: int) -> MixCollate | None:
+    """The training loader's ``collate_fn`` for ``mixup``/``cutmix``; ``None`` without them.
+
+    Args:
+        augment: ``data.augment``, or a list in the recipe's form (``[{mixup: 0.2}, cutmix]``).
+        num_classes: the length of the soft labels.
+    """
+    try:
+        items = parse_augmentations(list(augment))
+    except ValueError as error:
+        raise UserError(f"data.augment: {error}") from None
+    mixes = [BUILDERS[item.name](item.args, num_classes) for item in items
+             if item.spec.stage == "batch"]
     if not mixes:
         return None
     return MixCollate(mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes))

@@ -243,15 +243,16 @@ def plan(
     parameter groups, frozen and trainable counts, BatchNorm policy, unfreeze schedule and the
     LR of each group at the start, end of warmup, middle and end."""
     loaded = _load_recipe(recipe, set_)
-    from finetune.plan import build_plan, plan_to_dict, print_plan, write_schedule_plot
+    from finetune.build import build
+    from finetune.describe import plan_to_dict, print_plan, write_schedule_plot
 
-    built = build_plan(loaded)
+    built = build(loaded, data=False, steps_per_epoch=steps_per_epoch, auto_lr=False)
     if lr_plot is not None:
-        write_schedule_plot(built, lr_plot, steps_per_epoch)
+        write_schedule_plot(built, lr_plot)
     if json_:
-        console.print_json(json.dumps(plan_to_dict(built, steps_per_epoch)))
+        console.print_json(json.dumps(plan_to_dict(built)))
         return
-    print_plan(built, console, steps_per_epoch)
+    print_plan(built, console)
     if lr_plot is not None:
         console.print(f"LR schedule plot: {lr_plot}", markup=False)
 
@@ -318,9 +319,14 @@ def lr_find(
     """LR range test: train STEPS steps at exponentially rising LRs, stop when the loss
     diverges, put the weights back, and suggest optimizer.lr. The last line is the folder."""
     loaded = _load_recipe(recipe, set_)
-    from finetune.lr_find import find_lr
+    from finetune.build import build, range_test
+    from finetune.lr_find import check_range
 
-    result = find_lr(loaded, start_lr=start_lr, end_lr=end_lr, steps=steps, rule=rule)
+    check_range(start_lr, end_lr, steps, rule)  # before anything is built
+    if loaded.optimizer.lr == "auto":  # any LR will do: the ramp sets them all, relative to it
+        loaded = loaded.model_copy(update={"optimizer": loaded.optimizer.model_copy(
+            update={"lr": 1.0})})
+    result = range_test(build(loaded), start_lr=start_lr, end_lr=end_lr, steps=steps, rule=rule)
     folder = result.save(out or loaded.output.dir / loaded.name / "lr-find")
     if json_:
         console.print_json(json.dumps({"suggestion": result.suggestion, "rule": result.rule,

@@ -21,10 +21,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from finetune.augment import build_transforms
+from finetune.config.data import DataConfig
 from finetune.distributed import ShuffleShardSampler
 from finetune.errors import UserError
-from finetune.recipe import DataConfig
-from finetune.sources import BadImageError, ImageSource, load_rgb, open_source
+from finetune.images import BadImageError, load_rgb
+from finetune.sources import ImageSource, open_source
 from finetune.stats import Normalization, normalization, resolve_normalization
 
 # Also importable from here, where they lived before (finetune.export and older user code).

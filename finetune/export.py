@@ -17,31 +17,28 @@ import os
 import shutil
 import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
-from torchvision.transforms import v2
 
-from finetune.data import build_transforms
+from finetune.config.train import EXPORT_FORMATS, ExportConfig
 from finetune.errors import UserError
-from finetune.fusion import FuseReport, _count_parameters, fuse_bn_with_report, restructure
-from finetune.inference import TrainedModel, find_run_folder, load_trained
-from finetune.model import build_model
-from finetune.recipe import EXPORT_FORMATS, ExportConfig, HeadConfig, Recipe
-from finetune.runtime import Runtime
-from finetune.weights import read_state_dict, resolve_weights_path
-
-FILES = {"safetensors": "model.safetensors", "torchscript": "model.torchscript.pt",
-         "onnx": "model.onnx", "pt2": "model.pt2"}
-EXPORT_FILE = "export.json"
-CARD_KEY = "finetune_export"  # safetensors metadata key / extra-file stem holding the model card
-CARD_FILE = f"{CARD_KEY}.json"
-LOADABLE = ("safetensors", "torchscript")  # what load_exported (and so predict) reads, in order
+from finetune.fusion import FuseReport, _count_parameters, fuse_bn_with_report
+from finetune.inference import (
+    CARD_FILE,
+    CARD_KEY,
+    EXPORT_FILE,
+    FILES,
+    TrainedModel,
+    is_export,
+    load_trained,
+    read_card,
+    rebuild_exported,
+)
+from finetune.run_folder import RunFolder, find_run_folder, weights_file
 
 
 class ExportVerificationError(Exception):
@@ -72,7 +69,7 @@ def _run_artefact(fmt: str, path: Path, batch: torch.Tensor) -> torch.Tensor | N
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
         if fmt == "safetensors":
-            return _rebuild(path, read_card(path) or {})(batch)
+            return rebuild_exported(path, read_card(path) or {})(batch)
         if fmt == "torchscript":
             return torch.jit.load(str(path), map_location="cpu")(batch)
         if fmt == "pt2":
@@ -200,11 +197,11 @@ def export_run(source: str | Path, *, out: str | Path | None = None,
     formats = asked or parse_formats(defaults.formats)
     fuse = defaults.fuse_bn if fuse_bn is None else fuse_bn
     tolerance = defaults.tolerance if tolerance is None else tolerance
-    out = Path(out) if out is not None else find_run_folder(source.resolve()) / "export"
+    out = Path(out) if out is not None else RunFolder(find_run_folder(source.resolve())).export
     staging = _staging_folder(out)
     try:
         info = _write_export(trained, staging, formats, fuse, tolerance)
-        info = {"source": str(resolve_weights_path(source).resolve()), **info}
+        info = {"source": str(weights_file(source).resolve()), **info}
         (staging / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:
         _keep_failed(staging, out)
@@ -220,7 +217,7 @@ def _write_export(trained: TrainedModel, folder: Path, formats: list[str], fuse:
                   tolerance: float) -> dict[str, Any]:
     """Fuse, write each format and the recipe into ``folder``, verify; the export.json content."""
     original = trained.model.eval()
-    size = trained.recipe.data.image_size
+    size = trained.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     model, report = (fuse_bn_with_report(original, example_input=example) if fuse else
                      (original, FuseReport(params_before=_count_parameters(original),
@@ -245,20 +242,11 @@ def model_card(trained: TrainedModel, *, fused: bool, folded: list[dict[str, str
                ) -> dict[str, Any]:
     """Everything needed to rebuild and use the model: stored inside every exported file."""
     recipe = trained.recipe
-    mean, std = _normalization(trained.transform)
-    size = recipe.data.image_size
+    mean, std, size = trained.mean, trained.std, trained.image_size
     return {"format_version": 1, "backbone": recipe.model.backbone,
             "num_classes": len(trained.classes), "head": recipe.model.head.model_dump(mode="json"),
             "classes": trained.classes, "input_size": [3, size, size], "mean": mean, "std": std,
             "fused": fused, "folded": folded, "recipe": recipe.to_yaml()}
-
-
-def _normalization(transform: v2.Transform) -> tuple[list[float] | None, list[float] | None]:
-    """The mean and std the run's eval transform normalises with (None, None if it does not)."""
-    for step in getattr(transform, "transforms", []):
-        if isinstance(step, v2.Normalize):
-            return list(step.mean), list(step.std)
-    return None, None
 
 
 def _staging_folder(out: Path) -> Path:
@@ -302,88 +290,3 @@ def _failure_message(verification: dict[str, Any], failed: Path) -> str:
              for name, r in verification["results"].items() if r.get("passed") is False]
     return (f"verification failed: {'; '.join(worst)} (tolerance "
             f"{verification['tolerance']:.1e}); files kept in {failed}")
-
-
-# ----------------------------------------------------------------------------------- loading
-def is_export(path: str | Path) -> bool:
-    """Whether ``path`` is an export folder, or a safetensors/TorchScript file with a model card."""
-    path = Path(path)
-    if path.is_dir():
-        return (path / EXPORT_FILE).is_file()
-    return path.is_file() and read_card(path) is not None
-
-
-def read_card(path: Path) -> dict[str, Any] | None:
-    """The model card stored in an exported safetensors or TorchScript file, else None."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), "pt") as handle:
-                text = (handle.metadata() or {}).get(CARD_KEY)
-        except (SafetensorError, OSError):
-            return None
-        return json.loads(text) if text else None
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as archive:  # TorchScript and pt2 files keep extra files here
-        names = [n for n in archive.namelist() if n.endswith(f"/extra/{CARD_FILE}")]
-        return json.loads(archive.read(names[0])) if names else None
-
-
-def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/data.pkl") for name in archive.namelist())
-
-
-def load_exported(path: str | Path, device: str = "auto") -> TrainedModel:
-    """A ``TrainedModel`` from an export folder or an exported safetensors/TorchScript file.
-
-    A folder is read through its safetensors file, else its TorchScript file. The eval
-    transforms and class names come from the card inside the file, as the run's would.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = _loadable_file(path)
-    card = read_card(path)
-    if card is None:
-        raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
-    recipe = Recipe.from_dict(yaml.safe_load(card["recipe"]), source=f"{path} (its recipe)",
-                              check_paths=False)
-    if path.suffix == ".safetensors":
-        model = _rebuild(path, card)
-    elif not _is_torchscript(path):
-        raise UserError(f"{path}: a pt2 export; load the export's folder, or its safetensors or "
-                        "TorchScript file (torch.export.load reads this one)")
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            model = torch.jit.load(str(path), map_location="cpu")
-    runtime = Runtime.create(device=device, precision="fp32", channels_last=False)
-    transform = build_transforms(recipe.data, card["mean"], card["std"], False)
-    return TrainedModel(runtime.prepare(model).eval(), card["classes"], recipe, transform,
-                        runtime)
-
-
-def _loadable_file(folder: Path) -> Path:
-    info = json.loads((folder / EXPORT_FILE).read_text())
-    for fmt in LOADABLE:
-        if fmt in info.get("formats", {}) and (folder / info["formats"][fmt]).is_file():
-            return folder / info["formats"][fmt]
-    raise UserError(f"{folder}: has no {' or '.join(LOADABLE)} file to load; export again with "
-                    "--format safetensors")
-
-
-def _rebuild(path: Path, card: dict[str, Any]) -> nn.Module:
-    """The card's architecture, given the fused structure, with the file's weights."""
-    if "backbone" not in card:
-        raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
-    built = build_model(backbone=card["backbone"], num_classes=card["num_classes"],
-                        head=HeadConfig(**card["head"]))
-    model = restructure(built.model, card["folded"])
-    try:
-        model.load_state_dict(read_state_dict(path))
-    except RuntimeError as error:
-        raise UserError(f"{path}: weights do not fit the model its card describes: {error}"
-                        ) from None
-    return model.eval()

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from finetune.config.model import HeadConfig
 from finetune.errors import UserError
-from finetune.recipe import HeadConfig
 
 HeadFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=HeadFactory)

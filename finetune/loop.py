@@ -1,8 +1,9 @@
 """The training loop: one file, read top to bottom.
 
 Per batch: forward under autocast -> loss / accumulation steps -> backward -> on the accumulation
-boundary: unscale, clip, optimizer step, zero_grad, scheduler step. Per epoch: evaluate ->
-checkpoint ``last/`` (and ``best/`` when the monitored metric improved) -> log a metrics row.
+boundary: unscale, clip, optimizer step, zero_grad, ``schedule.step_update()``. Per epoch:
+evaluate -> ``schedule.step_epoch(metrics)`` -> checkpoint ``last/`` (and ``best/`` when the
+monitored metric improved) -> log a metrics row.
 Device, precision and process rank come from ``Runtime``; the loop never tests for them.
 """
 
@@ -20,12 +21,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.augment import hard_labels
-from finetune.checkpoint import RunFolder, rng_state
 from finetune.data import skipped_images
-from finetune.freeze import UnfreezeStage, apply_unfreeze
+from finetune.freezing import UnfreezeStage, unfreeze_due
 from finetune.progress import EpochProgress
-from finetune.runtime import Runtime
-from finetune.schedule import PlateauSchedule
+from finetune.run_folder import RunFolder
+from finetune.runtime import Runtime, rng_state
+from finetune.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How ``fit`` trains: the ``train:`` keys the loop reads, and what it monitors."""
+
+    epochs: int
+    num_classes: int
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = None
+    label_smoothing: float = 0.0
+    save_best: str = "val/top1"  # the metric that decides which epoch best/ holds
+    class_weights: torch.Tensor | None = None  # per-class loss weights, on the device
 
 
 @dataclass
@@ -73,10 +87,8 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, num_classes
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, runtime: Runtime, progress: EpochProgress, *,
-                    grad_accum_steps: int, clip_grad_norm: float | None, label_smoothing: float,
-                    step_scheduler_per_batch: bool, class_weights: torch.Tensor | None = None
-                    ) -> dict[str, float]:
+                    schedule: Schedule, runtime: Runtime, progress: EpochProgress,
+                    options: FitOptions) -> dict[str, float]:
     """One pass over ``loader``; returns train loss, accuracy and images per second.
 
     Labels may be class indices or, after mixup/cutmix, class probabilities (soft targets).
@@ -86,23 +98,22 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     model.train()
     optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss x images, correct
-    seen, batches = 0, len(loader)
+    seen, batches, accum = 0, len(loader), options.grad_accum_steps
     start = time.perf_counter()
     for index, (images, labels) in enumerate(loader):
         images, labels = runtime.to_device(images, labels)
-        window_start = index - index % grad_accum_steps
-        window = min(grad_accum_steps, batches - window_start)  # the last one may be shorter
+        window_start = index - index % accum
+        window = min(accum, batches - window_start)  # the last one may be shorter
         boundary = index + 1 == window_start + window
         with runtime.no_sync(model, accumulating=not boundary):
             with runtime.autocast():
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels, weight=class_weights,
-                                       label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits, labels, weight=options.class_weights,
+                                       label_smoothing=options.label_smoothing)
             runtime.backward(loss / window)
         if boundary:
-            runtime.step(optimizer, model, clip_grad_norm)
-            if step_scheduler_per_batch:
-                scheduler.step()
+            runtime.step(optimizer, model, options.clip_grad_norm)
+            schedule.step_update()
         correct = (logits.argmax(dim=1) == hard_labels(labels)).sum()
         sums += torch.stack([loss.detach() * len(labels), correct]).to(sums)
         seen += len(labels)
@@ -121,33 +132,33 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
-        optimizer: torch.optim.Optimizer, scheduler: Any, runtime: Runtime, *,
-        epochs: int, num_classes: int, state: LoopState, run: RunFolder | None,
-        progress: EpochProgress, grad_accum_steps: int = 1, clip_grad_norm: float | None = None,
-        label_smoothing: float = 0.0, scheduler_interval: str = "step",
-        save_best: str = "val/top1", unfreeze: Sequence[UnfreezeStage] = (),
-        class_weights: torch.Tensor | None = None) -> LoopState:
-    """Train from epoch ``state.epoch + 1`` to ``epochs``, checkpointing after every epoch.
+        optimizer: torch.optim.Optimizer, schedule: Schedule, runtime: Runtime,
+        options: FitOptions, *, state: LoopState | None = None, run: RunFolder | None = None,
+        progress: EpochProgress | None = None, unfreeze: Sequence[UnfreezeStage] = ()
+        ) -> LoopState:
+    """Train from epoch ``state.epoch + 1`` to ``options.epochs``, evaluating after every epoch
+    and, given a run folder, checkpointing and logging a metrics row.
 
-    ``unfreeze``: parameters that become trainable (new optimizer groups) at a given epoch.
+    ``unfreeze``: stages whose parameters start training at a given epoch; their optimizer
+    groups must be in ``optimizer`` already (``finetune.build`` puts them there).
     """
+    state = state or LoopState()
+    progress = progress or EpochProgress(enabled=False)
+    epochs, save_best = options.epochs, options.save_best
     for epoch in range(state.epoch + 1, epochs + 1):
-        apply_unfreeze(optimizer, scheduler, unfreeze, epoch)
-        # A permutation seeded per epoch: the same order whether or not the run was resumed.
-        train_loader.sampler.set_epoch(epoch)
+        unfreeze_due(runtime.unwrap(model), unfreeze, epoch)
+        # Our samplers draw a permutation seeded per epoch: the same order whether or not the
+        # run was resumed. A plain DataLoader's sampler (Python API users) has no set_epoch.
+        set_epoch = getattr(train_loader.sampler, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
         progress.start_epoch(epoch, epochs, len(train_loader))
-        train_metrics = train_one_epoch(
-            model, train_loader, optimizer, scheduler, runtime, progress,
-            grad_accum_steps=grad_accum_steps, clip_grad_norm=clip_grad_norm,
-            label_smoothing=label_smoothing, step_scheduler_per_batch=scheduler_interval == "step",
-            class_weights=class_weights)
+        train_metrics = train_one_epoch(model, train_loader, optimizer, schedule, runtime,
+                                        progress, options)
         lrs = {group.get("name", str(i)): group["lr"]
                for i, group in enumerate(optimizer.param_groups)}
-        if scheduler_interval == "epoch":
-            scheduler.step()
-        val_metrics = evaluate(model, val_loader, runtime, num_classes)
-        if isinstance(scheduler, PlateauSchedule):  # ReduceLROnPlateau decides on the metric
-            scheduler.step({**train_metrics, **val_metrics}[scheduler.monitor])
+        val_metrics = evaluate(model, val_loader, runtime, options.num_classes)
+        schedule.step_epoch({**train_metrics, **val_metrics})
         state.epoch, state.train_seconds = epoch, state.train_seconds + train_metrics["seconds"]
         improved = is_better(val_metrics[save_best], state.best_value, save_best)
         if improved:
@@ -159,7 +170,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         diverged = not math.isfinite(row["train/loss"])
         if run is not None:
             if not diverged:  # diverged weights must not replace the last good checkpoint
-                checkpoint = checkpoint_state(optimizer, scheduler, runtime, state)
+                checkpoint = checkpoint_state(optimizer, schedule, runtime, state)
                 run.save_checkpoint("last", runtime.unwrap(model), checkpoint)
                 if improved:
                     run.save_checkpoint("best", runtime.unwrap(model), checkpoint)
@@ -172,7 +183,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     return state
 
 
-def checkpoint_state(optimizer: torch.optim.Optimizer, scheduler: Any, runtime: Runtime,
+def checkpoint_state(optimizer: torch.optim.Optimizer, schedule: Schedule, runtime: Runtime,
                      state: LoopState) -> dict[str, Any]:
     """Everything besides the weights that an exact resume needs (loads with weights_only)."""
     return {
@@ -181,7 +192,7 @@ def checkpoint_state(optimizer: torch.optim.Optimizer, scheduler: Any, runtime: 
         "best_value": state.best_value,
         "train_seconds": state.train_seconds,
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "scheduler": schedule.state_dict(),
         "scaler": runtime.scaler.state_dict(),
         "rng": rng_state(),
     }

@@ -7,8 +7,8 @@ training can start from the same weights.
 
 The ramp multiplies every parameter group's LR by the same factor, so the groups keep their
 ratios, and the LRs reported are values for ``optimizer.lr``. ``lr_range_test`` works on any
-model, optimizer and loader; ``find_lr`` runs it on a recipe, as ``finetune lr-find`` and
-``optimizer.lr: auto`` do.
+model, optimizer and loader; ``finetune.build.range_test`` runs it on what a recipe builds, as
+``finetune lr-find`` and ``optimizer.lr: auto`` do.
 """
 
 from __future__ import annotations
@@ -24,13 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
 
-from finetune.checkpoint import restore_rng_state, rng_state
 from finetune.errors import UserError
-from finetune.recipe import Recipe
-from finetune.runtime import Runtime
+from finetune.runtime import Runtime, restore_rng_state, rng_state
 
 START_LR, END_LR, STEPS = 1e-7, 10.0, 100  # the defaults, also of `optimizer.lr: auto`
 RULES = {
@@ -246,61 +243,3 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtim
     runtime.scaler.load_state_dict(saved["scaler"])
     restore_rng_state(saved["rng"])
     model.train(saved["training"])
-
-
-# ------------------------------------------------------------------------------- from a recipe
-def with_lr(recipe: Recipe, lr: float) -> Recipe:
-    """``recipe`` with ``optimizer.lr`` set to ``lr`` (e.g. to replace ``auto``)."""
-    return recipe.model_copy(update={"optimizer": recipe.optimizer.model_copy(update={"lr": lr})})
-
-
-def find_lr(recipe: Recipe, *, start_lr: float = START_LR, end_lr: float = END_LR,
-            steps: int = STEPS, rule: str = "steepest") -> LRFinderResult:
-    """Build the recipe's model, data and optimizer (``finetune.training.prepare``) and run the
-    range test on them. The LRs are values of ``optimizer.lr``: before ``lr_scaling``, and
-    each parameter group at its ratio to it.
-    """
-    from finetune.optim import build_optimizer, lr_scale_factor, optimizer_arguments
-    from finetune.training import build_loaders, prepare
-
-    check_range(start_lr, end_lr, steps, rule)
-    # Any LR will do for building: the ramp sets them all, relative to this one.
-    reference = 1.0 if recipe.optimizer.lr == "auto" else float(recipe.optimizer.lr)
-    recipe = with_lr(recipe, reference)
-    prepared = prepare(recipe)
-    runtime, opt = prepared.runtime, recipe.optimizer
-    memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
-    model = prepared.built.model.to(runtime.device, memory_format=memory_format)
-    lr_scale = lr_scale_factor(lr_scaling=opt.lr_scaling, base_batch_size=opt.base_batch_size,
-                               batch_size=recipe.data.batch_size,
-                               grad_accum_steps=recipe.train.grad_accum_steps,
-                               world_size=runtime.world_size)
-    optimizer = build_optimizer(prepared.groups, lr_scale=lr_scale, **optimizer_arguments(opt))
-    train_loader, _ = build_loaders(prepared)
-    return lr_range_test(model, optimizer, train_loader, runtime, start_lr=start_lr,
-                         end_lr=end_lr, steps=steps, rule=rule, reference_lr=reference,
-                         grad_accum_steps=recipe.train.grad_accum_steps,
-                         clip_grad_norm=recipe.train.clip_grad_norm,
-                         label_smoothing=recipe.train.label_smoothing)
-
-
-def resolve_auto_lr(recipe: Recipe, console: Console | None = None
-                    ) -> tuple[Recipe, LRFinderResult | None]:
-    """For ``optimizer.lr: auto``: run the range test and return the recipe with its suggestion.
-
-    Under torchrun every process runs the test on its own share of the data and all take
-    rank 0's suggestion. Other recipes come back unchanged, with ``None``.
-    """
-    if recipe.optimizer.lr != "auto":
-        return recipe, None
-    result = find_lr(recipe, start_lr=START_LR, end_lr=END_LR, steps=STEPS)
-    lr = float(f"{result.suggestion:.3g}")  # a round number in the resolved recipe.yaml
-    main = True
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        holder = [lr]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        lr, main = holder[0], torch.distributed.get_rank() == 0
-    if console is not None and main:
-        console.print(f"optimizer.lr: auto -> {lr:g} (LR range test: {RULES[result.rule]}; "
-                      "see lr_find/ in the run folder)", highlight=False)
-    return with_lr(recipe, lr), result

@@ -10,16 +10,20 @@ from __future__ import annotations
 import difflib
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 
 import torch
 from torch import nn
 
+from finetune.config.model import HeadConfig, LoadConfig
 from finetune.errors import UserError
 from finetune.heads import build_head, head_options
-from finetune.recipe import HeadConfig, LoadConfig
+from finetune.recipe import as_section
+from finetune.run_folder import weights_file
 from finetune.weights import LoadReport, load_partial
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -33,6 +37,16 @@ class BuiltModel:
     head_name: str
     load_report: LoadReport | None
     in_features: int = 0  # pooled features the head receives
+
+
+def pretrained_config(backbone: str) -> dict[str, Any]:
+    """The mean/std the backbone was pretrained with (timm's config; ImageNet for torchvision)."""
+    if backbone.startswith(TORCHVISION_PREFIX):
+        return {}
+    import timm
+
+    cfg = timm.get_pretrained_cfg(backbone)
+    return cfg.to_dict() if cfg is not None else {}
 
 
 def check_backbone_name(backbone: str) -> None:
@@ -61,8 +75,8 @@ def build_model(
     backbone: str,
     num_classes: int,
     pretrained: bool | str | Path = False,
-    head: HeadConfig | None = None,
-    load: LoadConfig | None = None,
+    head: HeadConfig | Mapping[str, Any] | None = None,
+    load: LoadConfig | Mapping[str, Any] | None = None,
 ) -> BuiltModel:
     """Create ``backbone``, replace its classifier by ``head`` and load ``pretrained`` weights.
 
@@ -71,10 +85,13 @@ def build_model(
         num_classes: outputs of the new head.
         pretrained: ``True`` for the published weights (downloaded once, then cached), ``False``
             for random init, or a path to a weights file or run folder, loaded with ``load`` rules.
-        head: the new classifier; a linear layer by default.
-        load: partial-loading rules for a weights file (``finetune.weights.load_partial``).
+        head: the new classifier (the ``model.head`` keys, as ``HeadConfig`` or a plain
+            mapping such as ``{"type": "mlp", "hidden": [256]}``); a linear layer by default.
+        load: partial-loading rules for a weights file (the ``model.load`` keys, as
+            ``LoadConfig`` or a mapping such as ``{"exclude": ["fc.*"]}``).
     """
-    head, load = head or HeadConfig(), load or LoadConfig()
+    head = as_section(HeadConfig, head, "model.head")
+    load = as_section(LoadConfig, load, "model.load")
     check_backbone_name(backbone)
     if backbone.startswith(TORCHVISION_PREFIX):
         if head.pool is not None:
@@ -91,7 +108,8 @@ def build_model(
     model.set_submodule(head_name, new_head)
     report = None
     if isinstance(pretrained, (str, Path)):
-        report = load_partial(model, pretrained, **load.model_dump(), new_head=[f"{head_name}.*"])
+        report = load_partial(model, weights_file(pretrained), **load.model_dump(),
+                              new_head=[f"{head_name}.*"])
     return BuiltModel(model, head_name, report, in_features)
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from finetune.config.optim import ParamGroupRule, list_optimizers
 from finetune.errors import UserError
+from finetune.freezing import UnfreezeStage
 from finetune.patterns import matches_any, unmatched_patterns
-from finetune.recipe import ParamGroupRule
+from finetune.recipe import as_section
 
 # torch's own optimizers, under torch's names and with torch's defaults. Every other name is
 # looked up in timm's registry (lamb, lion, adan, nadamw, ...) and keeps timm's defaults.
@@ -34,6 +36,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 # What ``no_decay`` can exempt from weight decay; ``no_decay: true`` means all of them, which is
 # timm's rule (``param_groups_weight_decay``): 1-d tensors, biases and ``model.no_weight_decay()``.
 NO_DECAY_KINDS = ("bias", "norm", "embed")
+UNFREEZE_PREFIX = "unfreeze@"  # groups of parameters a freeze.unfreeze step trains later
 
 
 def param_groups(
@@ -41,7 +44,7 @@ def param_groups(
     *,
     lr: float,
     weight_decay: float = 0.0,
-    rules: Sequence[ParamGroupRule] = (),
+    rules: Sequence[ParamGroupRule | Mapping[str, Any]] = (),
     no_decay: bool | Sequence[str] = False,
     layer_decay: float | None = None,
     names: Collection[str] | None = None,
@@ -54,8 +57,10 @@ def param_groups(
 
     Args:
         lr, weight_decay: the values of parameters that no rule matches.
-        rules: ``ParamGroupRule``s, first match wins: ``lr`` (absolute), or ``lr_mult`` (times
-            ``lr``), and/or ``weight_decay``. A rule that matches no parameter is an error.
+        rules: ``ParamGroupRule``s or plain mappings (``{"match": "fc.*", "lr": 0.1}``, the
+            ``optimizer.param_groups`` entries of a recipe), first match wins: ``lr``
+            (absolute), or ``lr_mult`` (times ``lr``), and/or ``weight_decay``. A rule that
+            matches no parameter is an error.
         no_decay: ``True``, or some of ``"bias"`` (``*.bias``), ``"norm"`` (other 1-d tensors:
             normalisation weights, layer-scale gains) and ``"embed"`` (the model's
             ``no_weight_decay()`` names, e.g. ViT's ``pos_embed`` and ``cls_token``): these
@@ -75,6 +80,8 @@ def param_groups(
         [('default', 0.01), ('default/no_decay', 0.01), ('fc.*', 0.1), ('fc.*/no_decay', 0.1)]
     """
     named = list(model.named_parameters())
+    rules = [as_section(ParamGroupRule, rule, f"optimizer.param_groups.{index}")
+             for index, rule in enumerate(rules)]
     _check_rules(rules, named)
     kinds = _no_decay_kinds(no_decay)
     embed = _no_weight_decay_names(model) if "embed" in kinds else set()
@@ -160,13 +167,6 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
 
 # The options with a key of their own in the recipe; any other goes in ``optimizer.options``.
 _COMMON_OPTIONS = ("momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered")
-
-
-def list_optimizers() -> list[str]:
-    """Every ``optimizer.name``: torch's (``OPTIMIZERS``), then the rest of timm's registry."""
-    from timm.optim import list_optimizers as timm_optimizers
-
-    return [*OPTIMIZERS, *(name for name in timm_optimizers() if name not in OPTIMIZERS)]
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -296,3 +296,69 @@ def optimizer_arguments(config: Any) -> dict[str, Any]:
     """
     accepted = inspect.signature(build_optimizer).parameters
     return {key: value for key, value in config if key in accepted}
+
+
+def training_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+                    rules: Sequence[ParamGroupRule | Mapping[str, Any]] = (),
+                    no_decay: bool | Sequence[str] = False, layer_decay: float | None = None,
+                    unfreeze: Sequence[UnfreezeStage] = ()) -> list[dict[str, Any]]:
+    """Every group the run will ever train: ``param_groups`` of the trainable parameters, then,
+    for each unfreeze stage, the groups of its (still frozen) parameters under the same rules,
+    named ``unfreeze@<epoch>/<group>`` and at the stage's ``lr`` if it sets one.
+
+    The stages' groups are in the optimizer from the start: frozen parameters get no gradient,
+    so the optimizer skips them until ``finetune.freezing.unfreeze_due`` flips ``requires_grad``.
+    """
+    options: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, "rules": rules,
+                               "no_decay": no_decay, "layer_decay": layer_decay}
+    groups = param_groups(model, **options)
+    for stage in unfreeze:
+        for group in param_groups(model, **options, names=set(stage.names)):
+            group["name"] = f"{UNFREEZE_PREFIX}{stage.epoch}/{group['name']}"
+            if stage.lr is not None:
+                group["lr"] = stage.lr
+            groups.append(group)
+    return groups
+
+
+def create_optimizer(
+    model: nn.Module,
+    *,
+    name: str = "sgd",
+    lr: float = 0.01,
+    weight_decay: float = 0.0,
+    momentum: float | None = None,
+    dampening: float | None = None,
+    nesterov: bool | None = None,
+    betas: Sequence[float] | None = None,
+    eps: float | None = None,
+    alpha: float | None = None,
+    centered: bool | None = None,
+    options: dict[str, Any] | None = None,
+    lr_scaling: str = "none",
+    base_batch_size: int = 256,
+    param_groups: Sequence[ParamGroupRule | Mapping[str, Any]] = (),
+    no_decay: bool | Sequence[str] = False,
+    layer_decay: float | None = None,
+    batch_size: int = 32,  # data.batch_size, as the schema defaults it
+    grad_accum_steps: int = 1,
+    world_size: int | None = None,
+    unfreeze: Sequence[UnfreezeStage] = (),
+) -> torch.optim.Optimizer:
+    """The optimizer of ``model``: its keywords are the ``optimizer:`` keys of a recipe, plus
+    what linear LR scaling needs to know (``batch_size``, ``grad_accum_steps``, ``world_size``)
+    and the ``unfreeze`` stages whose groups it should hold from the start.
+
+    Example:
+        >>> create_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.05, no_decay=True,
+        ...                  param_groups=[{"match": "head.*", "lr_mult": 10}])
+    """
+    groups = training_groups(model, lr=lr, weight_decay=weight_decay, rules=param_groups,
+                             no_decay=no_decay, layer_decay=layer_decay, unfreeze=unfreeze)
+    scale = lr_scale_factor(lr_scaling=lr_scaling, batch_size=batch_size,
+                            base_batch_size=base_batch_size, grad_accum_steps=grad_accum_steps,
+                            world_size=world_size)
+    return build_optimizer(groups, name=name, lr=lr, weight_decay=weight_decay,
+                           momentum=momentum, dampening=dampening, nesterov=nesterov, betas=betas,
+                           eps=eps, alpha=alpha, centered=centered, options=options,
+                           lr_scale=scale)

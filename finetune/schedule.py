@@ -1,9 +1,10 @@
 """Learning-rate schedules built from torch's own schedulers, with an optional linear warmup.
 
 Every schedule multiplies each parameter group's own base LR, so the per-group learning rates of
-``finetune.optim`` keep their ratios through warmup and decay. The loop calls ``scheduler.step()``
-after ``optimizer.step()``: once per optimizer step (``interval: step``) or once per epoch;
-``plateau`` also gets the monitored metric after each evaluation (``PlateauSchedule.step``).
+``finetune.optim`` keep their ratios through warmup and decay. ``build_scheduler`` returns a
+``Schedule``: the loop calls its ``step_update()`` after every optimizer step and its
+``step_epoch(metrics)`` after every evaluation, and ``interval`` decides which one moves the LR;
+``plateau`` also reads the monitored metric there.
 
 Lengths given in epochs (``warmup_epochs``, ``step_size``, ``milestones``, ``cycle_epochs``) are
 converted to scheduler steps, so a recipe reads the same with either interval. The warmup (a
@@ -20,7 +21,6 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -165,7 +165,7 @@ SCHEDULES: dict[str, Callable[..., lr_scheduler.LRScheduler]] = {
 
 
 def list_schedules() -> list[str]:
-    """Every ``scheduler.name``: the builders above and ``plateau`` (``PlateauSchedule``)."""
+    """Every ``scheduler.name``: the builders above and ``plateau`` (``ReduceLROnPlateau``)."""
     return [*SCHEDULES, "plateau"]
 
 
@@ -198,11 +198,12 @@ def build_scheduler(
     factor: float = 0.1,
     patience: int = 10,
     lambdas: str | Mapping[str, str] | None = None,
-) -> lr_scheduler.LRScheduler | PlateauSchedule:
-    """The scheduler ``name`` over ``optimizer``, preceded by a linear warmup when one is asked.
+) -> Schedule:
+    """The schedule ``name`` over ``optimizer``, preceded by a linear warmup when one is asked.
 
-    Call ``step()`` after every ``optimizer.step()`` with ``interval="step"``, or once per epoch
-    with ``interval="epoch"``. The keyword arguments are the recipe's ``scheduler:`` keys.
+    The loop calls ``step_update()`` after every optimizer step and ``step_epoch(metrics)``
+    after every evaluation; ``interval`` decides which of them moves the LR. The keyword
+    arguments are the recipe's ``scheduler:`` keys.
 
     Args:
         epochs: length of the run.
@@ -238,10 +239,19 @@ def build_scheduler(
     """
     span = schedule_span(epochs=epochs, steps_per_epoch=steps_per_epoch, interval=interval,
                          warmup_epochs=warmup_epochs, warmup_steps=warmup_steps)
+
+    def ramp() -> lr_scheduler.LRScheduler | None:  # built after the main one, as torch wants
+        return (lr_scheduler.LinearLR(optimizer, start_factor=warmup_start_factor,
+                                      end_factor=1.0, total_iters=span.warmup)
+                if span.warmup else None)
+
     if name == "plateau":
-        return PlateauSchedule(optimizer, monitor=monitor, mode=mode, factor=factor,
-                               patience=patience, min_lr=min_lr * lr_scale,
-                               warmup_steps=span.warmup, warmup_start_factor=warmup_start_factor)
+        if mode == "auto":
+            mode = "min" if monitor.endswith("loss") else "max"
+        plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor,
+                                                 patience=patience, min_lr=min_lr * lr_scale)
+        return Schedule(optimizer, interval=interval, scheduler=ramp(), plateau=plateau,
+                        monitor=monitor, warmup_steps=span.warmup)
     if name not in SCHEDULES:
         raise UserError(f"scheduler.name: unknown schedule {name!r}; known: "
                         f"{', '.join(list_schedules())}")
@@ -254,58 +264,64 @@ def build_scheduler(
         main = SCHEDULES[name](optimizer, span, **options)
     except ValueError as error:  # torch's own checks, e.g. momentum cycling without momentum
         raise UserError(f"scheduler: {name}: {error}") from None
-    if span.warmup == 0:
-        return main
-    ramp = lr_scheduler.LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0,
-                                 total_iters=span.warmup)
-    return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[span.warmup])
+    warmup = ramp()
+    if warmup is not None:
+        main = lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[span.warmup])
+    return Schedule(optimizer, interval=interval, scheduler=main)
 
 
-# ------------------------------------------------------------------------------------- plateau
-class PlateauSchedule:
-    """``ReduceLROnPlateau`` after an optional linear warmup.
+# ------------------------------------------------------------------------------------ schedule
+class Schedule:
+    """The LR schedule as the loop drives it: ``step_update()`` after every optimizer step,
+    ``step_epoch(metrics)`` after every evaluation, whatever the schedule.
 
-    ``step()`` (each optimizer step or epoch, as ``interval`` says) advances the warmup and does
-    nothing afterwards; ``step(metric)``, which the loop calls after each evaluation with the
-    value of ``monitor``, lets ``ReduceLROnPlateau`` decide once the warmup is over.
+    ``interval`` decides which of the two advances ``scheduler`` (torch's, warmup included).
+    ``plateau`` (``ReduceLROnPlateau``) decides on ``metrics[monitor]`` once ``warmup_steps``
+    are over; the warmup is then the only thing ``scheduler`` does.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, monitor: str = "val/loss",
-                 mode: str = "auto", factor: float = 0.1, patience: int = 10,
-                 min_lr: float = 0.0, warmup_steps: int = 0,
-                 warmup_start_factor: float = 0.1) -> None:
-        if mode == "auto":
-            mode = "min" if monitor.endswith("loss") else "max"
-        self.optimizer, self.monitor, self.warmup_steps = optimizer, monitor, warmup_steps
-        self.ticks = 0  # warmup steps taken
-        self.plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor,
-                                                      patience=patience, min_lr=min_lr)
-        self.warmup = (lr_scheduler.LinearLR(optimizer, start_factor=warmup_start_factor,
-                                             total_iters=warmup_steps) if warmup_steps else None)
-        # Listed like SequentialLR's, so code that adds parameter groups finds both.
-        self._schedulers = [s for s in (self.warmup, self.plateau) if s is not None]
+    def __init__(self, optimizer: torch.optim.Optimizer, *, interval: str = "step",
+                 scheduler: lr_scheduler.LRScheduler | None = None,
+                 plateau: lr_scheduler.ReduceLROnPlateau | None = None,
+                 monitor: str = "val/loss", warmup_steps: int = 0) -> None:
+        self.optimizer, self.interval = optimizer, interval
+        self.scheduler, self.plateau = scheduler, plateau
+        self.monitor, self.warmup_steps = monitor, warmup_steps
+        self.ticks = 0  # intervals done
 
-    def step(self, metric: float | None = None) -> None:
-        """Without ``metric``: one interval (warmup); with it: one evaluation (plateau)."""
-        if metric is None:
-            if self.warmup is not None and self.ticks < self.warmup_steps:
-                self.warmup.step()
-                self.ticks += 1
-        elif self.ticks >= self.warmup_steps:
-            self.plateau.step(metric)
+    def step_update(self) -> None:
+        """After an optimizer step: advances the schedule with ``interval: step``."""
+        if self.interval == "step":
+            self._tick()
+
+    def step_epoch(self, metrics: Mapping[str, float] | None = None) -> None:
+        """After an epoch's evaluation: advances the schedule with ``interval: epoch``; a
+        plateau schedule also reads ``metrics[monitor]`` (without metrics: no decision)."""
+        if self.interval == "epoch":
+            self._tick()
+        if self.plateau is not None and metrics is not None and self.ticks >= self.warmup_steps:
+            self.plateau.step(metrics[self.monitor])
+
+    def _tick(self) -> None:
+        warming_up = self.ticks < self.warmup_steps
+        if self.scheduler is not None and (self.plateau is None or warming_up):
+            self.scheduler.step()
+        self.ticks += 1
 
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ticks": self.ticks, "plateau": self.plateau.state_dict(),
-                "warmup": self.warmup.state_dict() if self.warmup is not None else None}
+        return {"ticks": self.ticks,
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "plateau": self.plateau.state_dict() if self.plateau else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ticks = state["ticks"]
-        self.plateau.load_state_dict(state["plateau"])
-        if self.warmup is not None and state["warmup"] is not None:
-            self.warmup.load_state_dict(state["warmup"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])
 
 
 # -------------------------------------------------------------------------------------- lambda
@@ -356,13 +372,6 @@ class GroupLambdaLR(lr_scheduler.LambdaLR):
             return functools.partial(function, total_steps=self.total_steps)
         return function
 
-    def get_lr(self) -> list[float | torch.Tensor]:
-        # Groups added later (gradual unfreezing) get their function like the others.
-        groups = self.optimizer.param_groups
-        for index in range(len(self.lr_lambdas), len(groups)):
-            self.lr_lambdas.append(self._function(groups[index], index))
-        return super().get_lr()
-
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["lr_lambdas"] = [None] * len(self.lr_lambdas)
@@ -391,95 +400,3 @@ def load_callable(path: str, *, key: str) -> Callable[..., Any]:
     if not callable(target):
         raise UserError(f"{key}: {module_name} has no function {attribute!r}")
     return target
-
-
-# ------------------------------------------------------------------------------------- preview
-def lr_curve(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
-             steps_per_epoch: int, lr_scale: float = 1.0, **scheduler: Any
-             ) -> tuple[Span, dict[str, list[float]]]:
-    """Each group's LR at every scheduler step, from the real scheduler on a throwaway optimizer.
-
-    Args:
-        groups: parameter groups with ``name`` and ``lr`` (``finetune.optim.param_groups``).
-        lr: the optimizer's own LR (``optimizer.lr``), which ``max_lr`` is relative to.
-        scheduler: the ``scheduler:`` keys, as for ``build_scheduler``.
-
-    Returns:
-        The span and, by group name, the LR used by each of the ``span.total`` steps. A
-        ``plateau`` schedule gets no metric here: its reductions depend on the run.
-    """
-    dummies = [{"params": [torch.zeros(1, requires_grad=True)], "lr": group["lr"] * lr_scale,
-                "name": str(group.get("name", index)), "rule": group.get("rule")}
-               for index, group in enumerate(groups)]
-    optimizer = torch.optim.SGD(dummies, lr=lr * lr_scale, momentum=0.9)
-    schedule = build_scheduler(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                               lr_scale=lr_scale, **scheduler)
-    span = schedule_span(epochs=epochs, steps_per_epoch=steps_per_epoch,
-                         interval=scheduler.get("interval", "step"),
-                         warmup_epochs=scheduler.get("warmup_epochs", 0.0),
-                         warmup_steps=scheduler.get("warmup_steps", 0))
-    curves: dict[str, list[float]] = {group["name"]: [] for group in dummies}
-    for _ in range(span.total):
-        for group in optimizer.param_groups:
-            curves[group["name"]].append(float(group["lr"]))
-        optimizer.step()  # no gradients: changes nothing, but keeps torch's step order
-        schedule.step()
-    return span, curves
-
-
-def preview_lrs(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
-                steps_per_epoch: int, lr_scale: float = 1.0, points: Sequence[int] = (),
-                **scheduler: Any) -> dict[str, list[tuple[str, int, float]]]:
-    """Each group's LR at the start, the end of the warmup, the middle and the end of the run.
-
-    Same arguments as ``lr_curve``; ``points`` adds steps of your choice. Steps count scheduler
-    steps: optimizer steps, or epochs with ``interval: epoch``.
-
-    Returns:
-        ``{group name: [(label, step, lr), ...]}``, e.g. ``("warmup end", 50, 0.01)``.
-
-    Example:
-        >>> preview_lrs(groups, lr=0.01, epochs=10, steps_per_epoch=50, name="cosine",
-        ...             warmup_epochs=1)["default"][0]
-        ('start', 0, 0.001)
-    """
-    span, curves = lr_curve(groups, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                            lr_scale=lr_scale, **scheduler)
-    marks = [("start", 0)]
-    if span.warmup:
-        marks.append(("warmup end", span.warmup))
-    marks += [("middle", span.total // 2), ("end", span.total - 1)]
-    marks += [(f"step {step}", step) for step in points if 0 <= step < span.total]
-    return {name: [(label, step, values[step]) for label, step in marks]
-            for name, values in curves.items()}
-
-
-def plot_lr_schedule(path: str | Path, groups: Sequence[Mapping[str, Any]], *, lr: float,
-                     epochs: int, steps_per_epoch: int, lr_scale: float = 1.0,
-                     **scheduler: Any) -> Path:
-    """Write ``lr_schedule.png`` (or ``path`` if it names a ``.png``): each group's LR by epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    span, curves = lr_curve(groups, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                            lr_scale=lr_scale, **scheduler)
-    path = Path(path)
-    path = path if path.suffix == ".png" else path / "lr_schedule.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axis = plt.subplots(figsize=(6.4, 3.6))
-    for name, values in curves.items():
-        axis.plot([step / span.per_epoch for step in range(span.total)], values, label=name)
-    if span.warmup:
-        axis.axvline(span.warmup / span.per_epoch, color="grey", linestyle=":", linewidth=1)
-    title = scheduler.get("name", "cosine")
-    axis.set_title(f"{title}: LR per group" + (" (no reductions shown)" if title == "plateau"
-                                                else ""))
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("learning rate")
-    axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

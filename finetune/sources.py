@@ -14,7 +14,8 @@ import difflib
 import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,8 +23,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from finetune.errors import UserError
-from finetune.recipe import (
+from finetune.config.sources import (
     DataSource,
     DigitsSource,
     FakeSource,
@@ -31,11 +31,8 @@ from finetune.recipe import (
     ManifestSource,
     TorchvisionSource,
 )
-
-# torchvision's ImageFolder extensions, compared case-insensitively.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# What Pillow raises for a truncated, corrupt or absurdly large file.
-_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+from finetune.errors import UserError
+from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb, to_rgb
 
 
 class ImageSource(Protocol):
@@ -47,48 +44,6 @@ class ImageSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
-
-
-class BadImageError(UserError):
-    """An image file that cannot be decoded. Raised with its path.
-
-    In a DataLoader worker, torch re-raises an exception as ``type(error)(text)`` where the text
-    wraps the original in a traceback; the constructor takes the original message back out, so the
-    user reads the path, not a traceback.
-    """
-
-    def __init__(self, message: str) -> None:
-        marker = f"{type(self).__name__}: "
-        if message.startswith(f"Caught {type(self).__name__}") and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
-
-
-# ------------------------------------------------------------------------------------- decoding
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file as 8-bit RGB (from greyscale, 16-bit, palette, RGBA, CMYK...).
-
-    Raises:
-        BadImageError: naming ``path``, when the file is truncated, corrupt or not an image.
-    """
-    try:
-        with Image.open(path) as image:
-            return to_rgb(image)
-    except _UNREADABLE as error:
-        raise BadImageError(f"{path}: cannot read this image ({error})") from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB. Transparent pixels keep their colour (alpha is dropped, not composited)."""
-    if image.mode == "RGB":
-        image.load()
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: keep the top 8 bits
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # the documented route for palette + transparency
-    return image.convert("RGB")
 
 
 # ------------------------------------------------------------------------------- image files
@@ -113,11 +68,6 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
         return load_rgb(path), label
-
-
-def is_image_file(path: Path) -> bool:
-    """An image by its extension; hidden files (``.DS_Store``, macOS ``._x.jpg``) are not."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def image_folder(root: Path, key: str) -> ImageFiles:
@@ -363,22 +313,78 @@ def _labelled_torchvision(dataset: Any, source: TorchvisionSource, key: str) -> 
 
 
 # ------------------------------------------------------------------------------------- opening
+@dataclass(frozen=True)
+class SourceKind:
+    """How one kind of source (a class of ``finetune.config.sources``) is read.
+
+    Attributes:
+        open: ``(source, key, image_size, num_classes) -> dataset``; ``key`` names the source in
+            messages (``data.train``), ``num_classes`` bounds integer labels when given.
+        count_classes: ``(source, key) -> number of classes``, from the recipe alone (no image
+            is read); ``None`` where that takes reading the data.
+    """
+
+    open: Callable[[Any, str, int, int | None], ImageSource]
+    count_classes: Callable[[Any, str], int] | None = None
+
+
+def _count_class_folders(source: ImageFolderSource, key: str) -> int:
+    """The sub-folders of ``root`` that are not hidden (their images are not looked at)."""
+    try:
+        classes = [entry.name for entry in os.scandir(source.root)
+                   if entry.is_dir() and not entry.name.startswith(".")]
+    except OSError as error:
+        raise UserError(f"{key}.root: cannot list {source.root}: {error}") from None
+    if len(classes) < 2:
+        raise UserError(f"{key}.root: {source.root} has {len(classes)} class folders; "
+                        "set model.num_classes or add one folder per class")
+    return len(classes)
+
+
+# Every source class of the schema, and how to read it (a test checks that none is missing).
+SOURCE_KINDS: dict[type, SourceKind] = {
+    ImageFolderSource: SourceKind(
+        open=lambda source, key, size, classes: image_folder(source.root, key),
+        count_classes=_count_class_folders),
+    ManifestSource: SourceKind(
+        open=lambda source, key, size, classes: manifest(
+            source.path, key, kind=source.type, path_key=source.path_key,
+            label_key=source.label_key, num_classes=classes)),
+    TorchvisionSource: SourceKind(
+        open=lambda source, key, size, classes: torchvision_dataset(source, key)),
+    DigitsSource: SourceKind(
+        open=lambda source, key, size, classes: DigitsDataset(source),
+        count_classes=lambda source, key: len(source.classes)),
+    FakeSource: SourceKind(
+        open=lambda source, key, size, classes: fake_images(source, size),
+        count_classes=lambda source, key: source.num_classes),
+}
+
+
 def open_source(source: DataSource, *, key: str, image_size: int,
                 num_classes: int | None = None) -> ImageSource:
     """The dataset a recipe's ``data.train`` / ``data.val`` names (``key`` is that name).
 
     ``num_classes`` bounds integer labels of manifests (``model.num_classes`` when given).
     """
-    if isinstance(source, ImageFolderSource):
-        return image_folder(source.root, key)
-    if isinstance(source, ManifestSource):
-        return manifest(source.path, key, kind=source.type, path_key=source.path_key,
-                        label_key=source.label_key, num_classes=num_classes)
-    if isinstance(source, TorchvisionSource):
-        return torchvision_dataset(source, key)
-    if isinstance(source, DigitsSource):
-        return DigitsDataset(source)
-    return fake_images(source, image_size)
+    return SOURCE_KINDS[type(source)].open(source, key, image_size, num_classes)
+
+
+def count_classes(source: DataSource, key: str = "data.train") -> int:
+    """The number of classes of ``source`` from the recipe alone: no image is read.
+
+    ``fake``: its ``num_classes``; ``digits``: its ``classes``; ``imagefolder``: its sub-folders
+    that are not hidden.
+
+    Raises:
+        UserError: for the other sources (they need ``model.num_classes``), and for a folder
+            that cannot be listed or has fewer than two class folders.
+    """
+    counter = SOURCE_KINDS[type(source)].count_classes
+    if counter is None:
+        raise UserError(f"model.num_classes: needed to plan without reading the "
+                        f"{source.type} data; set it in the recipe or with --set")
+    return counter(source, key)
 
 
 def open_path(path: Path, key: str = "DATA", num_classes: int | None = None) -> ImageFiles:

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.config.data import DataConfig, NormalizeStats
 from finetune.errors import UserError
-from finetune.recipe import DataConfig, NormalizeStats, Recipe
-from finetune.sources import BadImageError, ImageSource
+from finetune.images import BadImageError
+from finetune.recipe import Recipe
+from finetune.sources import ImageSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -22,7 +22,6 @@ from torch import nn
 from finetune.errors import UserError
 from finetune.patterns import matches_any, unmatched_patterns
 
-WEIGHTS_FILE = "model.safetensors"
 TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
 # Entries that training scripts wrap a state_dict in, tried in this order (``load.key`` picks one).
 NESTED_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema", "ema")
@@ -32,24 +31,6 @@ COMMON_PREFIXES = (*WRAPPER_PREFIXES, "model.", "backbone.", "encoder.", "net.")
 # Harmless classes that checkpoints carry beside the weights (torchvision's reference scripts
 # save their argparse options): allowed by the weights_only unpickler.
 SAFE_GLOBALS = [argparse.Namespace]
-
-
-def resolve_weights_path(path: str | Path) -> Path:
-    """A weights file, or the file inside a run folder (``best/``, else ``last/``).
-
-    A directory may be a run folder, a ``best/`` or ``last/`` folder, or a recipe's output folder
-    holding a ``latest`` link.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path
-    for candidate in (path / "best" / WEIGHTS_FILE, path / "last" / WEIGHTS_FILE,
-                      path / WEIGHTS_FILE, path / "latest" / "best" / WEIGHTS_FILE):
-        if candidate.is_file():
-            return candidate
-    if path.is_dir():
-        raise UserError(f"{path}: a folder without {WEIGHTS_FILE} (nor best/ or last/ with one)")
-    raise UserError(f"weights file not found: {path}")
 
 
 def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -67,7 +48,12 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
 def read_checkpoint(path: str | Path, key: str | None = None
                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``read_state_dict`` plus the nested keys it went through (``["state_dict"]``)."""
-    path = resolve_weights_path(path)
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder; give a weights file (for a run folder, "
+                        "finetune.run_folder.weights_file finds its best/ weights)")
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         state: object = _read_safetensors(path)
     elif path.suffix in TORCH_SUFFIXES:
@@ -196,8 +182,9 @@ def load_partial(
 ) -> LoadReport:
     """Load the tensors of ``source`` that fit ``model`` and report on every key.
 
-    ``source`` is a ``.safetensors`` or torch file (read with ``weights_only=True``), a run
-    folder of ours, or a state_dict. Key rules apply in this order: ``strip_prefix`` (each
+    ``source`` is a ``.safetensors`` or torch file (read with ``weights_only=True``) or a
+    state_dict; for a run folder, pass ``finetune.run_folder.weights_file(folder)``. Key rules
+    apply in this order: ``strip_prefix`` (each
     prefix, once, in order), ``add_prefix``, ``rename`` (regex -> replacement, in order), then
     ``include``/``exclude`` globs on the renamed key. A ``module.`` or ``_orig_mod.`` prefix on
     every key (DataParallel, DDP, torch.compile) is stripped first when the model has no such
@@ -224,9 +211,8 @@ def load_partial(
     if isinstance(source, Mapping):
         name, file_state, trail = "<state_dict>", dict(source), []
     else:
-        path = resolve_weights_path(source)  # a run folder -> its best/model.safetensors
-        name = str(path)
-        file_state, trail = read_checkpoint(path, key)
+        name = str(source)
+        file_state, trail = read_checkpoint(source, key)
     target = model.state_dict()
     report = LoadReport(source=name)
     if trail:

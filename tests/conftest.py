@@ -36,6 +36,40 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images", ["cat", "dog", "fox"], per_class=6)
 
 
+ODD_MODES = ("L", "P", "RGBA", "CMYK", "I;16")
+
+
+def add_odd_files(root: Path, size: int = 20) -> dict[str, Path]:
+    """One image per odd mode in ``root/cat``, a truncated JPEG in ``root/dog``, and files that
+    must be ignored: a text file, a hidden file, a hidden folder."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+    files = {}
+    for mode in ODD_MODES:
+        if mode == "I;16":
+            image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+        elif mode == "P":
+            image = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+        else:
+            image = Image.fromarray(pixels).convert(mode)
+        path = root / "cat" / f"odd_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+        image.save(path, **({"transparency": 0} if mode == "P" else {}))
+        files[mode] = path
+    whole = (root / "dog" / "img1.jpg").read_bytes()
+    files["truncated"] = root / "dog" / "truncated.jpg"
+    files["truncated"].write_bytes(whole[: len(whole) // 2])
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".hidden.png").write_bytes(b"macOS metadata")
+    (root / ".ipynb_checkpoints").mkdir()
+    return files
+
+
+@pytest.fixture
+def odd_folder(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    root = make_image_folder(tmp_path / "images", ["cat", "dog", "fox"], per_class=4)
+    return root, add_odd_files(root)
+
+
 def tiny_recipe(**sections) -> dict:
     """A recipe for a tiny timm model on random images that trains in about a second."""
     recipe = {

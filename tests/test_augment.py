@@ -15,8 +15,10 @@ from finetune.augment import (
     build_transforms,
     hard_labels,
 )
+from finetune.config.augment import AUGMENTATIONS
+from finetune.config.data import DataConfig
 from finetune.errors import UserError
-from finetune.recipe import AUGMENTATIONS, DataConfig, Recipe
+from finetune.recipe import Recipe
 from tests.conftest import tiny_recipe
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
@@ -146,3 +148,99 @@ def test_already_normalised_input_is_refused():
         transform(normalised)
     assert transform(torch.rand(3, 32, 32)).shape == (3, 32, 32)  # floats in [0, 1] are pixels
     assert RejectNormalized()(image()).size == (40, 30)
+
+
+# ------------------------------------------------------------------------- what each one does
+def _pipeline(augment: list, **data) -> v2.Compose:
+    """The training transform of a tiny recipe: no normalisation, a square image of
+    ``image_size`` passes the size stage untouched (crop_pct 1)."""
+    config = Recipe.from_dict(tiny_recipe(data={"augment": augment, "crop_pct": 1.0, **data})).data
+    return build_transforms(config, None, None, train=True)
+
+
+def _noise_image(size: int = 32, low: int = 1, high: int = 256, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(low, high, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _grey(size: int = 32, level: int = 128) -> Image.Image:
+    return Image.fromarray(np.full((size, size, 3), level, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name, dims", [("hflip", [-1]), ("vflip", [-2])])
+def test_flips_with_p_1_mirror_the_image(name, dims):
+    picture = _noise_image()
+    plain = _pipeline([])(picture)
+    flipped = _pipeline([{name: 1.0}])(picture)
+    assert torch.equal(flipped, torch.flip(plain, dims=dims))
+    assert not torch.equal(flipped, plain)
+    assert torch.equal(_pipeline([{name: 0.0}])(picture), plain)  # p 0: never
+
+
+def test_rotate_moves_pixels_and_fills_the_corners():
+    picture = _noise_image()
+    plain = _pipeline([])(picture)
+    turned = _pipeline([{"rotate": {"degrees": [90, 90]}}])(picture)
+    # A quarter turn only moves pixels: the same values, at other places.
+    assert not torch.equal(turned, plain)
+    assert torch.equal(turned.flatten().sort().values, plain.flatten().sort().values)
+    # 45 degrees of a flat grey square: the corners the turned square leaves get `fill`, about
+    # 1 - 2 (sqrt(2) - 1) = 17% of the area (a regular octagon stays covered).
+    out = _pipeline([{"rotate": {"degrees": [45, 45], "fill": 255}}])(_grey())
+    filled = (out == 1.0).all(dim=0).float().mean().item()
+    assert filled == pytest.approx(1 - 2 * (2**0.5 - 1), abs=0.02)
+    assert torch.all((out == 1.0) | ((out - 128 / 255).abs() < 1e-6))
+    assert out[:, 16, 16].tolist() == pytest.approx([128 / 255] * 3)  # the centre stays
+
+
+def test_random_erasing_erases_the_asked_share_of_the_area():
+    picture = _noise_image()  # no zero pixel: every 0 below was erased
+    exact = _pipeline([{"random_erasing": {"p": 1.0, "scale": [0.25, 0.25], "ratio": [1, 1]}}])
+    erased = (exact(picture) == 0).all(dim=0)
+    assert erased.float().mean().item() == 0.25
+    rows, cols = erased.nonzero().unbind(1)  # one 16 x 16 square
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (16, 16)
+    torch.manual_seed(0)
+    free = _pipeline([{"random_erasing": {"p": 1.0, "scale": [0.25, 0.25]}}])
+    shares = [(free(picture) == 0).all(dim=0).float().mean().item() for _ in range(10)]
+    assert all(abs(share - 0.25) < 0.05 for share in shares), shares  # rounded to whole pixels
+    assert torch.equal(_pipeline([{"random_erasing": 0.0}])(picture), _pipeline([])(picture))
+
+
+def test_color_jitter_brightness_scales_the_mean_intensity():
+    picture = _noise_image(low=20, high=100)  # dark: a brighter copy is not clipped
+    before = _pipeline([])(picture).mean().item()
+    torch.manual_seed(0)
+    jitter = _pipeline([{"color_jitter": {"brightness": 0.5}}])
+    ratios = [jitter(picture).mean().item() / before for _ in range(20)]
+    assert all(0.5 - 0.02 <= ratio <= 1.5 + 0.02 for ratio in ratios), ratios
+    assert max(ratios) - min(ratios) > 0.3  # a new factor each time, spread over [0.5, 1.5]
+    assert torch.equal(_pipeline([{"color_jitter": 0.0}])(picture), _pipeline([])(picture))
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.15])
+def test_gaussian_noise_adds_noise_of_the_asked_std(sigma):
+    torch.manual_seed(0)
+    flat = _pipeline([])(_grey(64))
+    assert flat.std().item() == 0
+    noisy = _pipeline([{"gaussian_noise": sigma}], image_size=64)(_grey(64))
+    assert noisy.std().item() == pytest.approx(sigma, rel=0.05)
+    assert noisy.mean().item() == pytest.approx(128 / 255, abs=0.01)
+
+
+def test_resize_and_center_crop_give_the_asked_sizes_and_the_centre():
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)
+    pixels[10:30, 20:40] = 255  # a white 20 x 20 square in the middle of a black 40 x 60 image
+    picture = Image.fromarray(pixels)
+    centre = _pipeline([{"resize": [40, 60]}, {"center_crop": 20}])(picture)
+    assert centre.shape == (3, 20, 20) and torch.all(centre == 1.0)
+    squashed = _pipeline([{"resize": [24, 48]}, {"center_crop": 24}])(picture)
+    assert squashed.shape == (3, 24, 24)
+    # An int resizes the shorter side, keeping the aspect ratio: 40 x 60 -> 16 x 24; without a
+    # center_crop the crop is to image_size (32), which pads the smaller image up.
+    shorter = _pipeline([{"resize": 16}, {"center_crop": 16}])(picture)
+    assert shorter.shape == (3, 16, 16) and torch.all(shorter[:, 5:11, 5:11] == 1.0)
+    assert _pipeline([{"resize": 16}])(picture).shape == (3, 32, 32)
+    evaluation = build_transforms(Recipe.from_dict(tiny_recipe(data={"image_size": 20})).data,
+                                  None, None, train=False)
+    assert evaluation(picture).shape == (3, 20, 20)  # resize to 20 / 0.875, centre crop 20

@@ -85,7 +85,7 @@ def test_run_writes_the_whole_run_folder(tmp_path, image_folder):
 
 def test_a_copied_run_folder_gets_its_model_link_back(tmp_path):
     """`cp -rL` leaves model.safetensors as a file; the next best/ save makes it a link again."""
-    from finetune.checkpoint import RunFolder
+    from finetune.run_folder import RunFolder
 
     folder = RunFolder(tmp_path / "copy")
     folder.create()

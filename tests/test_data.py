@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from finetune.augment import build_transforms
 from finetune.data import (
@@ -24,42 +23,10 @@ from finetune.data import (
     stratified_split,
 )
 from finetune.errors import UserError
+from finetune.images import BadImageError
 from finetune.recipe import Recipe
-from finetune.sources import BadImageError, image_folder, manifest
+from finetune.sources import image_folder
 from tests.conftest import make_image_folder, tiny_recipe
-
-ODD_MODES = ("L", "P", "RGBA", "CMYK", "I;16")
-
-
-def add_odd_files(root: Path, size: int = 20) -> dict[str, Path]:
-    """One image per odd mode in ``root/cat``, a truncated JPEG in ``root/dog``, and files that
-    must be ignored: a text file, a hidden file, a hidden folder."""
-    rng = np.random.default_rng(1)
-    pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
-    files = {}
-    for mode in ODD_MODES:
-        if mode == "I;16":
-            image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
-        elif mode == "P":
-            image = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-        else:
-            image = Image.fromarray(pixels).convert(mode)
-        path = root / "cat" / f"odd_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
-        image.save(path, **({"transparency": 0} if mode == "P" else {}))
-        files[mode] = path
-    whole = (root / "dog" / "img1.jpg").read_bytes()
-    files["truncated"] = root / "dog" / "truncated.jpg"
-    files["truncated"].write_bytes(whole[: len(whole) // 2])
-    (root / "cat" / "notes.txt").write_text("not an image")
-    (root / "cat" / ".hidden.png").write_bytes(b"macOS metadata")
-    (root / ".ipynb_checkpoints").mkdir()
-    return files
-
-
-@pytest.fixture
-def odd_folder(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
-    root = make_image_folder(tmp_path / "images", ["cat", "dog", "fox"], per_class=4)
-    return root, add_odd_files(root)
 
 
 def _data(train: dict, **data) -> Recipe:
@@ -68,24 +35,7 @@ def _data(train: dict, **data) -> Recipe:
     return Recipe.from_dict(recipe).data
 
 
-# ----------------------------------------------------------------------------------- sources
-def test_image_folder_makes_every_mode_rgb_and_ignores_other_files(odd_folder):
-    root, files = odd_folder
-    images = image_folder(root, "data.train")
-    assert images.classes == ["cat", "dog", "fox"]  # the hidden folder is no class
-    names = {path.name for path, _ in images.samples}
-    assert "notes.txt" not in names and ".hidden.png" not in names
-    assert len(images) == 3 * 4 + len(ODD_MODES) + 1
-    for mode in ODD_MODES:
-        index = next(i for i, (path, _) in enumerate(images.samples) if path == files[mode])
-        image, label = images[index]
-        assert (image.mode, image.size, label) == ("RGB", (24, 20), 0), mode
-    # 16-bit greyscale keeps its top 8 bits rather than saturating to white.
-    sixteen = images[next(i for i, (p, _) in enumerate(images.samples) if p == files["I;16"])][0]
-    expected = np.random.default_rng(1).integers(0, 256, (20, 24, 3), dtype=np.uint8)[..., 0]
-    assert np.array_equal(np.asarray(sixteen)[..., 0], expected)
-
-
+# ------------------------------------------------------------------ checks before training
 @pytest.mark.parametrize("layout, message", [
     ({"cat": 2, "dog": 0}, "class folder {root}/dog has no images"),
     ({"cat": 3}, "found 1 class (cat)"),
@@ -121,48 +71,6 @@ def test_num_classes_must_match_the_folders(tmp_path):
     with pytest.raises(UserError) as caught:
         build_datasets(_data({"type": "imagefolder", "root": str(root)}), seed=0, num_classes=2)
     assert str(caught.value).startswith(f"model.num_classes is 2 but data.train ({root}) has 3")
-
-
-def _manifest_images(tmp_path: Path) -> list[str]:
-    make_image_folder(tmp_path / "pics", ["a", "b"], per_class=2)
-    return sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "pics").rglob("img*"))
-
-
-def test_csv_manifest_with_class_names_relative_to_the_file(tmp_path):
-    files = _manifest_images(tmp_path)
-    rows = "".join(f"{path},{'dog' if 'b/' in path else 'cat'},extra\n" for path in files)
-    (tmp_path / "train.csv").write_text("file,species,note\n" + rows + "\n")
-    images = manifest(tmp_path / "train.csv", "data.train", kind="csv", path_key="file",
-                      label_key="species")
-    assert images.classes == ["cat", "dog"] and Counter(images.targets) == {0: 2, 1: 2}
-    assert images[0][0].mode == "RGB"
-
-
-def test_jsonl_manifest_with_integer_labels(tmp_path):
-    files = _manifest_images(tmp_path)
-    lines = [json.dumps({"path": path, "label": i % 3}) for i, path in enumerate(files)]
-    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n\n")
-    images = manifest(tmp_path / "train.jsonl", "data.train", kind="jsonl")
-    assert images.classes == ["0", "1", "2"] and images.targets == [0, 1, 2, 0]
-    assert manifest(tmp_path / "train.jsonl", "k", kind="jsonl", num_classes=5).classes[-1] == "4"
-
-
-@pytest.mark.parametrize("rows, message", [
-    (["{path},7"], "line 2: label 7 is outside 0..2 (3 classes)"),
-    (["{path},-1"], "line 2: label -1 is outside"),
-    (["missing.png,0"], "line 2: image not found"),
-    (["{path},"], "line 2: no label"),
-    (["{path},2"], "no row has label 0"),
-    ([], "lists no images"),
-])
-def test_manifest_problems_name_the_file_and_line(tmp_path, rows, message):
-    path = _manifest_images(tmp_path)[0]
-    (tmp_path / "m.csv").write_text("path,label\n" + "".join(r.format(path=path) + "\n"
-                                                             for r in rows))
-    num_classes = 3 if "outside" in message else None
-    with pytest.raises(UserError, match="^data.train: ") as caught:
-        manifest(tmp_path / "m.csv", "data.train", kind="csv", num_classes=num_classes)
-    assert str(tmp_path / "m.csv") in str(caught.value) and message in str(caught.value)
 
 
 def _fake_mnist(root: Path, count: int = 12) -> None:

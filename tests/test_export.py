@@ -22,11 +22,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from finetune.config.train import EXPORT_FORMATS
 from finetune.errors import UserError
-from finetune.export import FILES, compare_logits, export_run, load_exported, parse_formats
+from finetune.export import compare_logits, export_run, parse_formats
 from finetune.fusion import fuse_bn, fuse_bn_with_report
-from finetune.inference import load_trained, predict_images
-from finetune.recipe import EXPORT_FORMATS
+from finetune.inference import FILES, load_exported, load_trained, predict_images
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 TOLERANCE = 1e-4

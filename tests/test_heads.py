@@ -11,9 +11,10 @@ from torch import nn
 
 import finetune
 from finetune import heads
+from finetune.config.model import HeadConfig
 from finetune.errors import UserError
 from finetune.model import build_model
-from finetune.recipe import HeadConfig, Recipe
+from finetune.recipe import Recipe
 from tests.conftest import REPO, tiny_recipe
 
 SIZES = {"test_resnet": 32, "test_efficientnet": 32, "test_vit": 160, "test_convnext": 64}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import timm
@@ -11,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from finetune.checkpoint import RunFolder
 from finetune.data import build_loader
 from finetune.distributed import ShuffleShardSampler
-from finetune.loop import LoopState, evaluate, fit
+from finetune.loop import FitOptions, evaluate, fit, train_one_epoch
 from finetune.progress import EpochProgress
+from finetune.run_folder import RunFolder
 from finetune.runtime import Runtime
 from finetune.schedule import build_scheduler
 
@@ -56,9 +55,9 @@ def _our_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None,
                                 steps_per_epoch=-(-len(loader) // accum))
     fit(model, loader, build_loader(dataset, batch_size=64, train=False, num_workers=0,
                                     pin_memory=False),
-        optimizer, scheduler, runtime, epochs=epochs, num_classes=3, state=LoopState(),
-        run=run, progress=EpochProgress(enabled=False), grad_accum_steps=accum,
-        clip_grad_norm=clip)
+        optimizer, scheduler, runtime,
+        FitOptions(epochs=epochs, num_classes=3, grad_accum_steps=accum, clip_grad_norm=clip),
+        run=run)
     return model
 
 
@@ -132,27 +131,58 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_no_diverged_checkpoint(tmp_
     assert [row["epoch"] for row in run.read_metrics()] == [1]  # the diverged epoch is logged
 
 
-class _CountingSums:
-    """Stands in for the loop's device tensor of sums and counts how often it is read."""
+class _NoSchedule:
+    """A schedule that keeps the LR fixed: the test is about the gradients."""
 
-    def __init__(self) -> None:
-        self.reads = 0
+    def step_update(self) -> None:
+        pass
 
-    def __truediv__(self, images: int) -> torch.Tensor:
-        self.reads += 1
-        return torch.tensor([0.5, 0.25])
+    def step_epoch(self, metrics=None) -> None:
+        pass
 
 
-def test_the_progress_bar_reads_the_running_sums_a_few_times_not_every_batch():
-    """Reading device values waits for the GPU: the bar does it at most every 0.5 s, and once
-    at the end of the epoch, however many batches there are."""
-    from rich.console import Console
+def test_a_short_last_accumulation_window_is_not_scaled_down():
+    """Three batches accumulated two by two: the first step takes the mean gradient of batches
+    1 and 2; the last window holds batch 3 alone, and its step must be a plain single-batch step
+    (loss / 1), not half of one (loss / 2). SGD with lr 1 and no momentum makes each update
+    exactly minus the gradient, so a wrong scale shows in the weights."""
+    from torch import nn
+    from torch.utils.data import DataLoader
 
-    progress = EpochProgress(console=Console(file=io.StringIO(), force_terminal=True))
-    progress.interactive = True
-    sums = _CountingSums()
-    progress.start_epoch(1, 1, batches=1000)
-    for batch in range(1, 1001):
-        progress.update(batch, sums, images=8 * batch, seconds=1.0)
-    progress.end_epoch({"epoch": 1, "epochs": 1})
-    assert 2 <= sums.reads <= 10  # the first batch, the last, and about twice a second between
+    from finetune.loop import FitOptions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(12, 3, 4, 4, generator=generator)
+    labels = torch.randint(0, 3, (12,), generator=generator)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)  # 3 batches, in order
+    assert len(loader) == 3
+
+    def gradient(net: nn.Module, batch: slice) -> list[torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(images[batch]), labels[batch]).backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    by_hand = copy.deepcopy(model)
+    first = [(a + b) / 2 for a, b in zip(gradient(by_hand, slice(0, 4)),
+                                          gradient(by_hand, slice(4, 8)), strict=True)]
+    for parameter, grad in zip(by_hand.parameters(), first, strict=True):
+        parameter.data -= grad
+    halved = copy.deepcopy(by_hand)  # what a loop that divided the last window by 2 would give
+    last = gradient(by_hand, slice(8, 12))
+    for parameter, twin, grad in zip(by_hand.parameters(), halved.parameters(), last,
+                                     strict=True):
+        parameter.data -= grad
+        twin.data -= grad / 2
+
+    ours = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(ours.parameters(), lr=1.0, momentum=0.0)
+    runtime = Runtime.create(device="cpu", precision="fp32", channels_last=False)
+    metrics = train_one_epoch(ours, loader, optimizer, _NoSchedule(), runtime,
+                              EpochProgress(enabled=False),
+                              FitOptions(epochs=1, num_classes=3, grad_accum_steps=2))
+    assert metrics["train/loss"] > 0
+    for name, actual in ours.state_dict().items():
+        torch.testing.assert_close(actual, by_hand.state_dict()[name], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(ours[1].weight, halved[1].weight, atol=1e-4)  # the check can fail

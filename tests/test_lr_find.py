@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
 from finetune import lr_find
+from finetune.build import build, range_test
 from finetune.cli import app
-from finetune.lr_find import find_lr, lr_range_test, suggest_lr, with_lr
-from finetune.optim import build_optimizer, optimizer_arguments
+from finetune.lr_find import lr_range_test, suggest_lr
 from finetune.recipe import Recipe
-from finetune.training import build_loaders, prepare, run
+from finetune.training import run
 from tests.conftest import tiny_recipe, write_recipe
 
 
@@ -91,9 +91,8 @@ def digits_recipe() -> Recipe:
 
 def short_training(recipe: Recipe, steps: int) -> list[float]:
     """The training losses of ``steps`` plain optimizer steps on the recipe's data."""
-    prepared = prepare(recipe)
-    model, (loader, _) = prepared.built.model, build_loaders(prepared)
-    optimizer = build_optimizer(prepared.groups, **optimizer_arguments(recipe.optimizer))
+    built = build(recipe)
+    model, loader, optimizer = built.model, built.train_loader, built.optimizer
     loader.sampler.set_epoch(1)
     model.train()
     losses = []
@@ -108,12 +107,13 @@ def short_training(recipe: Recipe, steps: int) -> list[float]:
 
 def test_suggested_lr_trains_a_real_problem():
     recipe = digits_recipe()
-    result = find_lr(recipe, start_lr=1e-5, end_lr=10, steps=25)
+    result = range_test(build(recipe), start_lr=1e-5, end_lr=10, steps=25)
     assert result.diverged_at is not None  # the ramp went far enough to see the loss blow up
     diverged = result.lrs[-1]
     assert 1e-5 < result.suggestion < diverged / 5, result.describe()
 
-    losses = short_training(with_lr(recipe, result.suggestion), steps=30)
+    found = recipe.optimizer.model_copy(update={"lr": result.suggestion})
+    losses = short_training(recipe.model_copy(update={"optimizer": found}), steps=30)
     assert losses[0] == pytest.approx(math.log(5), rel=1e-3)
     assert sum(losses[-5:]) / 5 < 0.5 * math.log(5), (result.describe(), losses)
 
@@ -150,3 +150,38 @@ def test_auto_lr_runs_the_range_test_first_and_records_the_result(tmp_path, monk
     assert saved["optimizer"]["lr"] == pytest.approx(found["suggestion"], rel=1e-2)
     assert Recipe.load(result.run_dir / "recipe.yaml").optimizer.lr == saved["optimizer"]["lr"]
     assert (result.run_dir / "lr_find" / "lr_find.png").is_file()
+
+
+def test_lr_find_json_and_saved_numbers_describe_a_geometric_ramp(tmp_path):
+    """The data behind lr_find.png: a geometric, increasing ramp from --start-lr, one loss per
+    LR, and a suggestion inside the ramp; `--json` prints the same suggestion."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
+    out = tmp_path / "found"
+    result = CliRunner().invoke(app, ["lr-find", str(path), "--steps", "12", "--start-lr", "1e-4",
+                                      "--end-lr", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["out"] == str(out) and printed["rule"] in ("steepest", "min10")
+    saved = json.loads((out / "lr_find.json").read_text())
+    assert saved["suggestion"] == pytest.approx(printed["suggestion"])
+    assert saved["group_lrs"] == pytest.approx(printed["group_lrs"])
+    assert (saved["start_lr"], saved["end_lr"], saved["steps"]) == (1e-4, 1.0, 12)
+    lrs = saved["lrs"]
+    assert len(saved["losses"]) == len(saved["smoothed"]) == len(lrs) >= 2
+    steps = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
+    assert lrs[0] == pytest.approx(1e-4) and all(step > 1 for step in steps)  # increasing
+    ratio = (1.0 / 1e-4) ** (1 / 11)  # 12 LRs spaced evenly on a log scale
+    assert steps == pytest.approx([ratio] * (len(lrs) - 1))
+    if saved["diverged_at"] is None:
+        assert len(lrs) == 12 and lrs[-1] == pytest.approx(1.0)
+    else:
+        # A non-finite loss is not kept; a finite one that diverged is, as the last point.
+        assert saved["diverged_at"] <= len(lrs) <= saved["diverged_at"] + 1
+    assert all(math.isfinite(loss) for loss in saved["losses"])
+    if saved["rule"] == "steepest":  # an LR the ramp tried
+        assert lrs[0] <= printed["suggestion"] <= lrs[-1]
+    else:  # a tenth of the LR at the lowest loss
+        assert printed["suggestion"] * 10 == pytest.approx(lrs[saved["smoothed"].index(
+            min(saved["smoothed"]))])
+    assert 1e-4 / 10 <= printed["suggestion"] <= 1.0
+    assert printed["group_lrs"] == {"default": pytest.approx(printed["suggestion"])}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from finetune.config.model import HeadConfig
 from finetune.errors import UserError
 from finetune.model import build_model, check_backbone_name
-from finetune.recipe import HeadConfig
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from finetune.config.optim import TORCH_OPTIMIZERS, OptimizerConfig, ParamGroupRule
 from finetune.errors import UserError
 from finetune.optim import (
     OPTIMIZERS,
@@ -18,7 +19,7 @@ from finetune.optim import (
     optimizer_arguments,
     param_groups,
 )
-from finetune.recipe import TORCH_OPTIMIZERS, OptimizerConfig, ParamGroupRule, Recipe
+from finetune.recipe import Recipe
 from tests.conftest import tiny_recipe
 
 

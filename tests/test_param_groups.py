@@ -7,11 +7,11 @@ import timm
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
+from finetune.config.optim import ParamGroupRule
 from finetune.errors import UserError
-from finetune.freeze import freeze
+from finetune.freezing import freeze
 from finetune.model import build_model
 from finetune.optim import layer_ids, param_groups
-from finetune.recipe import ParamGroupRule
 from finetune.schedule import build_scheduler
 
 
@@ -133,12 +133,12 @@ def test_each_group_keeps_its_own_base_lr_through_the_schedule(resnet):
                                  for g in groups], lr=0.01, momentum=0.9)
     scheduler = build_scheduler(optimizer, name="cosine", epochs=3, steps_per_epoch=4,
                                 warmup_epochs=1)
-    assert [s.base_lrs for s in scheduler._schedulers] == [base, base]
+    assert [s.base_lrs for s in scheduler.scheduler._schedulers] == [base, base]
     for _ in range(11):
         lrs = [g["lr"] for g in optimizer.param_groups]
         factor = lrs[0] / base[0]
         assert lrs == pytest.approx([b * factor for b in base])
         optimizer.step()
-        scheduler.step()
+        scheduler.step_update()
     assert [g["weight_decay"] for g in optimizer.param_groups] == [g["weight_decay"]
                                                                   for g in groups]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
@@ -32,3 +34,19 @@ def test_every_shipped_recipe_opens_with_its_purpose_and_command():
         text = path.read_text()
         assert text.startswith("# "), path
         assert f"finetune run recipes/{path.name}" in text, path
+
+
+def test_the_python_api_example_runs(tmp_path, monkeypatch):
+    """The README's custom head, parameter-group rule and loop, run as written (on the CPU)."""
+    section = README.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    example = next(block for block in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+                   if "register_head" in block)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(example.replace('device="auto"', 'device="cpu"'), "README.md", "exec"),
+         namespace)
+    optimizer, state = namespace["optimizer"], namespace["state"]
+    groups = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert groups["fc.*"] == pytest.approx(10 * groups["default"])  # the rule, after 2 epochs
+    assert len(state.history) == 2 and 0 <= state.history[-1]["val/top1"] <= 1
+    assert type(namespace["model"].fc).__name__ == "CosineHead"

@@ -1,17 +1,67 @@
-"""The recipe schema: defaults, extends, overrides, and errors that name the key."""
+"""The recipe schema: defaults, extends, overrides, errors that name the key, and its keys
+mirrored by the arguments of the functions they feed."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from finetune.augment import BUILDERS, build_batch_transform, build_transforms
+from finetune.config import (
+    AUGMENTATIONS,
+    DataConfig,
+    DigitsSource,
+    ExportConfig,
+    FakeSource,
+    FreezeConfig,
+    HeadConfig,
+    ImageFolderSource,
+    LoadConfig,
+    ManifestSource,
+    ModelConfig,
+    OptimizerConfig,
+    OutputConfig,
+    SchedulerConfig,
+    Section,
+    TorchvisionSource,
+    TrainConfig,
+)
+from finetune.config.augment import Augmentation, FlipArgs
+from finetune.config.sources import SOURCE_CLASSES
+from finetune.data import (
+    Split,
+    build_loader,
+    build_train_sampler,
+    resolve_num_workers,
+    stratified_split,
+)
+from finetune.data import class_weights as weigh_classes
 from finetune.errors import UserError
+from finetune.export import export_run
+from finetune.freezing import freeze
+from finetune.heads import HEADS, build_head, head_options, linear_head, mlp_head
+from finetune.loop import FitOptions
+from finetune.model import build_model
+from finetune.optim import (
+    build_optimizer,
+    create_optimizer,
+    lr_scale_factor,
+    param_groups,
+    training_groups,
+)
 from finetune.recipe import Recipe, apply_overrides, recipe_keys
-from tests.conftest import REPO, tiny_recipe, write_recipe
+from finetune.run_folder import latest_run, new_run_dir
+from finetune.runtime import Runtime
+from finetune.schedule import build_scheduler, schedule_span
+from finetune.sources import SOURCE_KINDS, manifest, open_source
+from finetune.stats import resolve_normalization
+from finetune.weights import load_partial
+from tests.conftest import REPO, make_image_folder, tiny_recipe, write_recipe
 
 
 def problems(data: dict) -> list[str]:
@@ -57,7 +107,7 @@ def test_set_overrides_are_yaml_typed(tmp_path):
                                 "train.clip_grad_norm=1.0", "data.augment=[vflip]"])
     assert recipe.optimizer.lr == pytest.approx(3e-4)
     assert recipe.train.epochs == 5
-    assert recipe.data.augment == [{"vflip": {}}]
+    assert recipe.data.augment == [Augmentation("vflip", FlipArgs())]
 
 
 def test_override_creates_missing_sections():
@@ -115,36 +165,6 @@ def test_every_shipped_recipe_is_valid(path):
     Recipe.load(path, check_paths=False)
 
 
-def test_section_keys_mirror_factory_arguments():
-    """`model:` -> build_model(**model), `freeze:` -> freeze(**freeze), and so on."""
-    from finetune.export import export_run
-    from finetune.freeze import freeze
-    from finetune.model import build_model
-    from finetune.optim import build_optimizer, lr_scale_factor, param_groups
-    from finetune.recipe import (
-        ExportConfig,
-        FreezeConfig,
-        ModelConfig,
-        OptimizerConfig,
-        SchedulerConfig,
-    )
-    from finetune.schedule import build_scheduler
-
-    def arguments(function) -> set[str]:
-        return set(inspect.signature(function).parameters)
-
-    assert set(ModelConfig.model_fields) <= arguments(build_model)
-    assert set(FreezeConfig.model_fields) <= arguments(freeze)
-    assert set(SchedulerConfig.model_fields) <= arguments(build_scheduler)
-    assert set(ExportConfig.model_fields) <= arguments(export_run)
-    group_keys = {"param_groups", "no_decay", "layer_decay"}  # -> param_groups()
-    scaling_keys = {"lr_scaling", "base_batch_size"}  # -> lr_scale_factor()
-    optimizer_keys = set(OptimizerConfig.model_fields) - group_keys - scaling_keys
-    assert optimizer_keys <= arguments(build_optimizer)
-    assert {"lr", "weight_decay", "no_decay", "layer_decay", "rules"} <= arguments(param_groups)
-    assert scaling_keys <= arguments(lr_scale_factor)
-
-
 def test_recipe_keys_lists_nested_keys():
     keys = recipe_keys()
     assert "optimizer.param_groups" in keys and "model.load.strip_prefix" in keys
@@ -164,3 +184,226 @@ def test_interface_example_keys_are_known():
 
     known = set(recipe_keys()) | {"extends"}
     assert [key for key in flatten(data) if key not in known] == []
+
+
+# --------------------------------------------------------------------- keys mirror arguments
+# Convention 4: a section's keys are the keyword arguments of the factory it feeds, one hop
+# (`model:` -> build_model(**model)), with the schema's defaults: a default lives in the schema,
+# and a factory that has one agrees with it. "Equal" is exact: each factory's arguments that are
+# not keys of its section are listed below, with where their values come from.
+ONE_FACTORY = {
+    # num_classes is a key; None there means "count the data" (build_model needs the number).
+    "model": (ModelConfig, build_model, {}),
+    "load": (LoadConfig, load_partial, {
+        "model": "the model built", "source": "model.pretrained, when a file",
+        "new_head": "globs of the head build_model made (excused by strict)"}),
+    "freeze": (FreezeConfig, freeze, {
+        "model": "the model built", "head": "the new head's module name, from build_model"}),
+    "optimizer": (OptimizerConfig, create_optimizer, {
+        "model": "the model built", "batch_size": "data.batch_size",
+        "grad_accum_steps": "train.grad_accum_steps", "world_size": "the runtime's processes",
+        "unfreeze": "freeze's report: groups trained later"}),
+    "scheduler": (SchedulerConfig, build_scheduler, {
+        "optimizer": "the optimizer built", "epochs": "train.epochs",
+        "steps_per_epoch": "the training loader's length / train.grad_accum_steps",
+        "lr_scale": "the factor of optimizer.lr_scaling"}),
+    "export": (ExportConfig, export_run, {
+        "source": "the run folder", "out": "finetune export --out"}),
+}
+# export_run's options default to None, documented as "the run's own export: section decides":
+# the schema's defaults apply through the run's recipe, not through the signature.
+FROM_THE_RUN = {ExportConfig: {"fuse_bn", "formats", "tolerance"}}
+
+# Sections read by several functions: key -> every (function, argument) that takes its value.
+# "data.normalize" means: the argument `data` gets the whole section and the function reads
+# `data.normalize`; "**kwargs": any keyword, passed on.
+MANY_FACTORIES = {
+    "head": (HeadConfig, {
+        "type": [(build_head, "type")],
+        "init": [(build_head, "init")],
+        "args": [(build_head, "**kwargs")],  # a custom head's own options
+        "pool": [(build_model, "head.pool")],  # the backbone's pooling, before the head
+        "dropout": [(linear_head, "dropout"), (mlp_head, "dropout")],  # through head_options
+        "hidden": [(mlp_head, "hidden")],
+        "activation": [(mlp_head, "activation")],
+        "norm": [(mlp_head, "norm")],
+    }),
+    "data": (DataConfig, {
+        "train": [(open_source, "source")],
+        "val": [(open_source, "source")],
+        "test": [(open_source, "source")],
+        "val_split": [(stratified_split, "fraction")],
+        "image_size": [(open_source, "image_size"), (build_transforms, "data.image_size")],
+        "crop_pct": [(build_transforms, "data.crop_pct")],
+        "batch_size": [(build_loader, "batch_size"), (build_train_sampler, "batch_size"),
+                       (lr_scale_factor, "batch_size"), (create_optimizer, "batch_size")],
+        "eval_batch_size": [(build_loader, "batch_size")],  # None: twice batch_size
+        "num_workers": [(resolve_num_workers, "num_workers")],
+        "persistent_workers": [(build_loader, "persistent_workers")],
+        "prefetch_factor": [(build_loader, "prefetch_factor")],
+        "sampler": [(build_train_sampler, "kind")],
+        "class_weights": [(weigh_classes, "choice")],
+        "on_bad_image": [(Split, "on_bad_image")],
+        "augment": [(build_transforms, "data.augment"), (build_batch_transform, "augment")],
+        "eval_transforms": [(build_transforms, "data.eval_transforms")],
+        "normalize": [(resolve_normalization, "data.normalize")],
+    }),
+    "train": (TrainConfig, {
+        "epochs": [(FitOptions, "epochs"), (build_scheduler, "epochs")],
+        "device": [(Runtime.create, "device")],
+        "precision": [(Runtime.create, "precision")],
+        "channels_last": [(Runtime.create, "channels_last")],
+        "grad_accum_steps": [(FitOptions, "grad_accum_steps"),
+                             (lr_scale_factor, "grad_accum_steps"),
+                             (create_optimizer, "grad_accum_steps")],
+        "clip_grad_norm": [(FitOptions, "clip_grad_norm")],
+        "label_smoothing": [(FitOptions, "label_smoothing")],
+        "sync_batchnorm": [(Runtime.prepare, "sync_batchnorm")],
+    }),
+    "output": (OutputConfig, {
+        "dir": [(new_run_dir, "output_dir"), (latest_run, "output_dir")],
+        "save_best": [(FitOptions, "save_best")],
+    }),
+    # The opener passes keywords (the other sources' openers take the section: see below).
+    "manifest source": (ManifestSource, {
+        "type": [(manifest, "kind")],
+        "path": [(manifest, "path")],
+        "path_key": [(manifest, "path_key")],
+        "label_key": [(manifest, "label_key")],
+    }),
+}
+
+# Building blocks beneath the factories that take a section's keys under the same names: their
+# defaults are the schema's too (finetune.param_groups(model, lr=0.1) groups as a recipe would).
+BENEATH = [
+    (OptimizerConfig, build_optimizer, {}), (OptimizerConfig, lr_scale_factor, {}),
+    (OptimizerConfig, param_groups, {"param_groups": "rules"}),
+    (OptimizerConfig, training_groups, {"param_groups": "rules"}),
+    (SchedulerConfig, schedule_span, {}),
+]
+
+
+def named_arguments(function: Callable) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(function).parameters)
+
+
+def same_default(schema: object, factory: object) -> bool:
+    """Equal, reading a list as a tuple, and None as an empty mapping or a default section."""
+    if factory is None and isinstance(schema, Section):
+        return schema == type(schema)()
+    if factory is None and schema == {}:
+        return True
+    if isinstance(schema, (list, tuple)) and isinstance(factory, (list, tuple)):
+        return list(schema) == list(factory)
+    return schema == factory and isinstance(schema, bool) == isinstance(factory, bool)
+
+
+def default_mismatches(section: type[Section], function: Callable, keys: dict[str, str],
+                       skip: Collection[str] = ()) -> list[str]:
+    """``section.key: schema default != function(argument=...)`` for each (key -> argument)."""
+    parameters, found = named_arguments(function), []
+    for key, argument in keys.items():
+        field, parameter = section.model_fields[key], parameters[argument]
+        if key in skip or field.is_required() or parameter.default is parameter.empty:
+            continue  # a required factory argument is fine: the recipe always passes it
+        if not same_default(field.default, parameter.default):
+            found.append(f"{section.__name__}.{key}: {field.default!r} != "
+                         f"{function.__qualname__}({argument}={parameter.default!r})")
+    return found
+
+
+@pytest.mark.parametrize("section, factory, not_keys", ONE_FACTORY.values(), ids=ONE_FACTORY)
+def test_section_keys_are_its_factory_keywords(section, factory, not_keys):
+    """`model:` -> build_model(**model): the same names, and the same defaults."""
+    arguments = named_arguments(factory)
+    assert set(not_keys) <= set(arguments)
+    assert set(section.model_fields) == set(arguments) - set(not_keys)
+    skip = FROM_THE_RUN.get(section, set())
+    assert all(arguments[key].default is None for key in skip)
+    keys = {key: key for key in section.model_fields}
+    assert default_mismatches(section, factory, keys, skip) == []
+
+
+@pytest.mark.parametrize("section, consumers", MANY_FACTORIES.values(), ids=MANY_FACTORIES)
+def test_keys_of_shared_sections_are_arguments_of_the_functions_listed(section, consumers):
+    assert set(consumers) == set(section.model_fields)  # every key listed, and only keys
+    mismatches = []
+    for key, uses in consumers.items():
+        for function, argument in uses:
+            parameters = named_arguments(function)
+            if argument.startswith("**"):
+                assert parameters[argument[2:]].kind is inspect.Parameter.VAR_KEYWORD
+            elif "." in argument:  # the whole section, read as section.key
+                assert argument.split(".")[0] in parameters, (key, function)
+                assert argument in inspect.getsource(function), (key, function)
+            else:
+                assert argument in parameters, (key, function)
+                mismatches += default_mismatches(section, function, {key: argument})
+    assert mismatches == []
+
+
+@pytest.mark.parametrize("section, function, renamed", BENEATH,
+                         ids=[function.__name__ for _, function, _ in BENEATH])
+def test_building_blocks_default_as_the_schema_does(section, function, renamed):
+    arguments = named_arguments(function)
+    shared = {key: renamed.get(key, key) for key in section.model_fields
+              if renamed.get(key, key) in arguments}
+    assert len(shared) >= 2
+    assert default_mismatches(section, function, shared) == []
+
+
+def test_built_in_heads_take_exactly_the_head_options():
+    """`head_options` hands a built-in head its keys, whose defaults are the head's own."""
+    for name in ("linear", "mlp"):
+        arguments = named_arguments(HEADS[name])
+        options = head_options(HeadConfig(type=name))
+        assert set(options) == set(arguments) - {"in_features", "num_classes"}
+        defaults = {key: arguments[key].default for key in options}
+        assert all(same_default(options[key], defaults[key]) for key in options), name
+
+
+class Reads:
+    """Stands in for an argument object and records which of its keys are read."""
+
+    def __init__(self, section: Section) -> None:
+        self.section, self.read = section, set()
+
+    def __getattr__(self, name: str) -> object:
+        self.read.add(name)
+        return getattr(self.section, name)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_augmentation_keys_are_what_its_builder_reads(name):
+    """A builder takes the argument object (its defaults are the schema's): it reads every key
+    of it, and nothing else."""
+    spec = AUGMENTATIONS[name]
+    args = Reads(spec.args())
+    BUILDERS[name](args, 32)
+    assert args.read == set(spec.args.model_fields)
+
+
+def source_of(cls: type[Section], tmp_path: Path) -> Section:
+    """A valid source of each kind, as small as it can be."""
+    folder = make_image_folder(tmp_path / "images", ["cat", "dog"], per_class=1, size=8)
+    manifest_file = tmp_path / "list.csv"
+    manifest_file.write_text("path,label\nimages/cat/img0.png,cat\nimages/dog/img0.png,dog\n")
+    return {
+        ImageFolderSource: lambda: ImageFolderSource(type="imagefolder", root=folder),
+        ManifestSource: lambda: ManifestSource(type="csv", path=manifest_file),
+        TorchvisionSource: lambda: TorchvisionSource(type="torchvision", name="MNIST",
+                                                     root=tmp_path),
+        DigitsSource: lambda: DigitsSource(type="digits", per_class=1),
+        FakeSource: lambda: FakeSource(type="fake", num_samples=2),
+    }[cls]()
+
+
+@pytest.mark.parametrize("cls", SOURCE_CLASSES, ids=lambda cls: cls.__name__)
+def test_source_keys_are_what_its_opener_reads(cls, tmp_path):
+    """Each source's opener (`SOURCE_KINDS`) reads every key of it; `type` chose the opener."""
+    source = Reads(source_of(cls, tmp_path))
+    try:
+        SOURCE_KINDS[cls].open(source, "data.train", 16, None)
+    except UserError:  # torchvision: nothing under root, after every key was read
+        assert cls is TorchvisionSource
+    assert source.read - {"type"} == set(cls.model_fields) - {"type"}

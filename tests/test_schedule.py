@@ -11,16 +11,16 @@ import torch
 import yaml
 from torch.optim import lr_scheduler
 
-from finetune.checkpoint import RunFolder
+from finetune.config.schedule import SchedulerConfig
 from finetune.errors import UserError
-from finetune.recipe import Recipe, SchedulerConfig
+from finetune.lr_preview import preview_lrs
+from finetune.recipe import Recipe
+from finetune.run_folder import RunFolder
 from finetune.schedule import (
     GroupLambdaLR,
-    PlateauSchedule,
+    Schedule,
     build_scheduler,
     list_schedules,
-    plot_lr_schedule,
-    preview_lrs,
 )
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
@@ -53,11 +53,19 @@ def drive(optimizer: torch.optim.Optimizer, scheduler, steps: int,
     seen = []
     for step in range(steps):
         seen.append([group["lr"] for group in optimizer.param_groups])
-        optimizer.step()
-        scheduler.step()
-        if metrics is not None and (step + 1) % per_epoch == 0:
-            scheduler.step(metrics((step + 1) // per_epoch))
+        advance(optimizer, scheduler, step, metrics, per_epoch)
     return seen
+
+
+def advance(optimizer: torch.optim.Optimizer, schedule, step: int,
+            metrics: Callable[[int], float] | None, per_epoch: int) -> None:
+    """One scheduler step as the loop takes it; with ``interval: epoch`` every step ends an
+    epoch, else every ``per_epoch`` steps do."""
+    optimizer.step()
+    schedule.step_update()
+    if schedule.interval == "epoch" or (step + 1) % per_epoch == 0:
+        epoch = (step + 1) // (1 if schedule.interval == "epoch" else per_epoch)
+        schedule.step_epoch(None if metrics is None else {"val/loss": metrics(epoch)})
 
 
 def assert_same_lrs(actual: list[list[float]], expected: list[list[float]]) -> None:
@@ -127,7 +135,8 @@ def test_schedule_matches_torch_step_by_step(case, warmup, interval):
         ramp = lr_scheduler.LinearLR(expected, start_factor=0.1, end_factor=1.0, total_iters=warm)
         main = lr_scheduler.SequentialLR(expected, [ramp, main], milestones=[warm])
 
-    actual_lrs, expected_lrs = drive(ours, scheduler, total), drive(expected, main, total)
+    torch_schedule = Schedule(expected, interval="step", scheduler=main)  # stepped every time
+    actual_lrs, expected_lrs = drive(ours, scheduler, total), drive(expected, torch_schedule, total)
     assert_same_lrs(actual_lrs, expected_lrs)
     first = [lr * (0.1 if warm else 1) for lr in BASE_LRS]
     if case not in ("cyclic", "cyclic-exp-range", "onecycle"):  # those start where they say
@@ -144,7 +153,7 @@ def test_plateau_matches_reduce_lr_on_plateau(interval, warmup):
     scheduler = build_scheduler(ours, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
                                 interval=interval, name="plateau", factor=0.5, patience=1,
                                 warmup_epochs=warmup)
-    assert isinstance(scheduler, PlateauSchedule) and scheduler.monitor == "val/loss"
+    assert scheduler.plateau is not None and scheduler.monitor == "val/loss"
     actual = drive(ours, scheduler, total, losses.__getitem__, per)
 
     expected_opt = two_groups()
@@ -201,10 +210,7 @@ def test_resume_continues_the_schedule_exactly(case):
     after = []
     for step in range(middle, total):
         after.append([group["lr"] for group in second_opt.param_groups])
-        second_opt.step()
-        second_scheduler.step()
-        if metric is not None and (step + 1) % STEPS_PER_EPOCH == 0:
-            second_scheduler.step(metric((step + 1) // STEPS_PER_EPOCH))
+        advance(second_opt, second_scheduler, step, metric, STEPS_PER_EPOCH)
     assert_same_lrs(before + after, uninterrupted)
 
 
@@ -247,19 +253,6 @@ def test_lambda_errors_name_the_key(lambdas, message):
     assert message in str(caught.value)
 
 
-def test_groups_added_later_get_their_lambda():
-    optimizer = two_groups()
-    scheduler = GroupLambdaLR(optimizer, {"default": "tests.test_schedule:halve_every_two"},
-                              total_steps=8)
-    optimizer.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "lr": 0.2,
-                               "initial_lr": 0.2, "name": "layer4.*"})
-    scheduler.base_lrs.append(0.2)
-    for _ in range(2):
-        optimizer.step()
-        scheduler.step()
-    assert optimizer.param_groups[2]["lr"] == pytest.approx(0.1)
-
-
 # ----------------------------------------------------------------------------------- LR scaling
 def test_absolute_lrs_of_a_schedule_follow_the_batch_size_scaling():
     optimizer = two_groups()
@@ -271,28 +264,7 @@ def test_absolute_lrs_of_a_schedule_follow_the_batch_size_scaling():
     assert [group["max_lr"] for group in optimizer.param_groups] == pytest.approx([1.0, 0.1])
     cosine = build_scheduler(two_groups(), epochs=1, steps_per_epoch=10, min_lr=1e-3,
                              lr_scale=2.0)
-    assert cosine.eta_min == pytest.approx(2e-3)
-
-
-# -------------------------------------------------------------------------------------- preview
-def test_preview_drives_the_real_scheduler():
-    groups = [{"name": "fc.*", "lr": 0.1}, {"name": "default", "lr": 0.01}]
-    preview = preview_lrs(groups, lr=0.01, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                          name="cosine", warmup_epochs=1, min_lr=0.0, points=[10])
-    labels = [label for label, _, _ in preview["default"]]
-    assert labels == ["start", "warmup end", "middle", "end", "step 10"]
-    start, warmup_end, middle, end, _ = preview["fc.*"]
-    assert start == ("start", 0, pytest.approx(0.01))
-    assert warmup_end == ("warmup end", STEPS_PER_EPOCH, pytest.approx(0.1))
-    assert middle[1] == 12 and 0 < middle[2] < 0.1 and end[2] < middle[2]
-    for fc, default in zip(preview["fc.*"], preview["default"], strict=True):
-        assert fc[2] == pytest.approx(10 * default[2])  # each group keeps its own base LR
-
-
-def test_plot_lr_schedule_writes_a_png(tmp_path):
-    path = plot_lr_schedule(tmp_path, [{"name": "default", "lr": 0.01}], lr=0.01, epochs=3,
-                            steps_per_epoch=5, name="onecycle", max_lr=0.1)
-    assert path == tmp_path / "lr_schedule.png" and path.stat().st_size > 1000
+    assert cosine.scheduler.eta_min == pytest.approx(2e-3)
 
 
 # ----------------------------------------------------------------------------- recipe validation
@@ -371,7 +343,7 @@ def test_loop_follows_a_per_group_lambda_schedule_with_warmup(tmp_path):
         logged = [row[f"lr/{group}"] for row in rows[:2]]
         assert logged == pytest.approx([lr for _, _, lr in preview[group][-2:]], rel=1e-9)
     state = torch.load(result.run_dir / "last" / "state.pt", weights_only=True)
-    assert state["scheduler"]["_schedulers"][1]["lr_lambdas"] == [None, None]  # not saved
+    assert state["scheduler"]["scheduler"]["_schedulers"][1]["lr_lambdas"] == [None, None]
 
 
 def test_a_cosine_floor_above_a_groups_lr_is_refused():

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from finetune.errors import UserError
+from finetune.images import BadImageError
 from finetune.recipe import Recipe
-from finetune.sources import BadImageError, image_folder, open_path
+from finetune.sources import image_folder, open_path
 from finetune.stats import (
     IMAGENET_MEAN,
     image_statistics,
@@ -19,8 +20,7 @@ from finetune.stats import (
     resolve_normalization,
     with_measured_normalization,
 )
-from tests.conftest import make_image_folder, run_cli, tiny_recipe
-from tests.test_data import add_odd_files
+from tests.conftest import add_odd_files, make_image_folder, run_cli, tiny_recipe
 
 
 def numpy_rgb(path: Path) -> np.ndarray:

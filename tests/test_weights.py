@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from finetune.checkpoint import RunFolder
 from finetune.errors import UserError
 from finetune.model import build_model
+from finetune.run_folder import RunFolder
 from finetune.weights import load_partial, read_state_dict
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 

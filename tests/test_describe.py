@@ -1,4 +1,5 @@
-"""``finetune plan``: counts checked against the model's own parameters, text and JSON output."""
+"""``finetune plan`` (``finetune.describe``): counts checked against the model's own
+parameters, text and JSON output."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
+from finetune.build import build
+from finetune.describe import plan_to_dict, print_load_report, print_plan
 from finetune.errors import UserError
-from finetune.plan import build_plan, plan_to_dict, print_load_report, print_plan
 from finetune.recipe import Recipe
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
@@ -24,6 +26,11 @@ SURGERY = {
                                                      {"match": "layer4.*", "lr_mult": 0.1}]},
     "train": {"epochs": 6, "device": "cpu"},
 }
+
+
+def plan(recipe: Recipe):
+    """What ``finetune plan`` builds: no data, and no LR range test."""
+    return build(recipe, data=False, auto_lr=False)
 
 
 def _independent_counts() -> dict[str, int]:
@@ -44,7 +51,7 @@ def _independent_counts() -> dict[str, int]:
 
 
 def test_plan_counts_equal_counts_from_named_parameters():
-    info = plan_to_dict(build_plan(Recipe.from_dict(tiny_recipe(**SURGERY))))
+    info = plan_to_dict(plan(Recipe.from_dict(tiny_recipe(**SURGERY))))
     expected = _independent_counts()
     for key in ("frozen_params", "trainable_params", "frozen_tensors", "trainable_tensors"):
         assert info[key] == expected[key], key
@@ -66,7 +73,7 @@ def test_plan_counts_equal_counts_from_named_parameters():
 
 def test_plan_prints_every_section():
     console = Console(record=True, width=120)
-    print_plan(build_plan(Recipe.from_dict(tiny_recipe(**SURGERY))), console)
+    print_plan(plan(Recipe.from_dict(tiny_recipe(**SURGERY))), console)
     text = console.export_text()
     for expected in ("test_resnet: ", "random initialisation", "parameter groups",
                      "layer4.*/no_decay", "frozen: conv1 (", "BatchNorm: frozen",
@@ -78,13 +85,13 @@ def test_plan_prints_every_section():
 def test_plan_takes_num_classes_from_an_image_folder(image_folder):
     recipe = tiny_recipe(model={"backbone": "test_resnet"},
                          data={"train": {"type": "imagefolder", "root": str(image_folder)}})
-    plan = build_plan(Recipe.from_dict(recipe))
-    assert plan.num_classes == 3 and plan.built.model.fc.out_features == 3
+    built = plan(Recipe.from_dict(recipe))
+    assert built.num_classes == 3 and built.network.model.fc.out_features == 3
 
 
 def test_plan_needs_a_number_for_the_lr():
     with pytest.raises(UserError, match="optimizer.lr: 'auto' is found when training starts"):
-        build_plan(Recipe.from_dict(tiny_recipe()).model_copy(
+        plan(Recipe.from_dict(tiny_recipe()).model_copy(
             update={"optimizer": Recipe.from_dict(tiny_recipe()).optimizer.model_copy(
                 update={"lr": "auto"})}))
 
@@ -94,9 +101,9 @@ def test_load_report_warns_loudly_when_almost_nothing_matches(tmp_path):
     save_file(state, tmp_path / "w.safetensors")
     recipe = tiny_recipe(model={"backbone": "test_resnet", "num_classes": 3,
                                 "pretrained": str(tmp_path / "w.safetensors")})
-    plan = build_plan(Recipe.from_dict(recipe))
+    built = plan(Recipe.from_dict(recipe))
     console = Console(record=True, width=200)
-    print_load_report(plan.built.load_report, console)
+    print_load_report(built.network.load_report, console)
     text = " ".join(console.export_text().split())
     assert "WARNING: only 0 of the model's" in text
     assert "model.load: {strip_prefix: [encoder.]} would match" in text
@@ -115,7 +122,7 @@ def _weights_with_another_head(tmp_path) -> tuple[dict, dict]:
 def test_plan_prints_the_load_report_table(tmp_path):
     _, recipe = _weights_with_another_head(tmp_path)
     console = Console(record=True, width=200)
-    print_plan(build_plan(Recipe.from_dict(recipe)), console)
+    print_plan(plan(Recipe.from_dict(recipe)), console)
     text = console.export_text()
     assert "shape mismatch │ 2" in text
     assert "fc.bias (file [10] vs model [3]), fc.weight (file [10, 96] vs model [3, 96])" in text
@@ -151,7 +158,7 @@ def test_plan_previews_each_group_schedule_with_torch_values(tmp_path):
         optimizer={"name": "sgd", "lr": 0.1, "param_groups": [{"match": "fc.*", "lr": 1.0}]},
         scheduler={"name": "cosine", "warmup_epochs": 2, "warmup_start_factor": 0.5},
         train={"epochs": 10, "device": "cpu"}))
-    schedule = plan_to_dict(build_plan(recipe))["schedule"]["groups"]
+    schedule = plan_to_dict(plan(recipe))["schedule"]["groups"]
     # Driven directly: LinearLR(0.5 -> 1 over 2 steps), then CosineAnnealingLR over 8 steps.
     params = [torch.zeros(1, requires_grad=True)]
     optimizer = torch.optim.SGD([{"params": params, "lr": 1.0}])

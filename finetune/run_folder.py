@@ -1,12 +1,13 @@
-"""The run folder: resolved recipe, metrics, summary, classes and the last/best checkpoints.
+"""The run folder: the only module that knows where a run keeps each of its files.
 
 Layout (a contract scripts rely on)::
 
     checkpoints/<name>/<timestamp>/
-      recipe.yaml  metrics.jsonl  summary.json  classes.json  load_report.json
+      recipe.yaml  metrics.jsonl  summary.json  classes.json  normalization.json
+      load_report.json
       last/  best/          model.safetensors + state.pt (optimizer, scheduler, scaler, epoch, RNG)
       model.safetensors     -> best/model.safetensors: "the run's model", for `pretrained:` paths
-      plots/curves.png
+      plots/curves.png  lr_find/  export/
     checkpoints/<name>/latest -> <timestamp>
 
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +28,21 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.errors import UserError
-from finetune.weights import WEIGHTS_FILE, read_state_dict
+from finetune.weights import read_state_dict
 
+WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+RECIPE_FILE = "recipe.yaml"
+CLASSES_FILE = "classes.json"
+NORMALIZATION_FILE = "normalization.json"
+LOAD_REPORT_FILE = "load_report.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LATEST = "latest"
+TAGS = ("best", "last")  # the checkpoints a run keeps, in the order a weights lookup tries them
 
 
+# ------------------------------------------------------------------------------ atomic writes
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +64,16 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def replace_with_link(link: Path, target: str) -> None:
+    """Make ``link`` a symbolic link to ``target`` (relative to it), atomically, replacing any
+    link or file there (a run folder copied with its links followed holds a file)."""
+    tmp = link.parent / f".{link.name}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+# ------------------------------------------------------------------------------ finding runs
 def new_run_dir(output_dir: Path, name: str) -> Path:
     """``<output_dir>/<name>/<timestamp>``, unique even for two runs in the same second."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -64,18 +84,42 @@ def new_run_dir(output_dir: Path, name: str) -> Path:
     return candidate
 
 
-def link_latest(run_dir: Path) -> None:
-    """Point ``<run_dir>/../latest`` at this run."""
-    replace_with_link(run_dir.parent / "latest", run_dir.name)
+def latest_run(output_dir: Path, name: str) -> Path:
+    """``<output_dir>/<name>/latest``: the recipe's most recent run (a link)."""
+    return output_dir / name / LATEST
 
 
-def replace_with_link(link: Path, target: str) -> None:
-    """Make ``link`` a symbolic link to ``target`` (relative to it), atomically, replacing any
-    link or file there (a run folder copied with its links followed holds a file)."""
-    tmp = link.parent / f".{link.name}.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
+def find_run_folder(path: Path) -> Path:
+    """The run folder that holds ``path`` (itself, or a parent of a checkpoint inside it)."""
+    for candidate in (path, *path.parents[:3]):
+        if (candidate / RECIPE_FILE).is_file() and (candidate / CLASSES_FILE).is_file():
+            return candidate
+    raise UserError(f"{path}: not inside a run folder (no {RECIPE_FILE} and {CLASSES_FILE} "
+                    "found)")
+
+
+def weights_file(path: str | Path) -> Path:
+    """A weights file, or the one a folder stands for (``best/``, else ``last/``).
+
+    A folder may be a run folder, its ``best/`` or ``last/``, or a recipe's output folder
+    holding a ``latest`` link.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    candidates = [path / tag / WEIGHTS_FILE for tag in TAGS]
+    candidates += [path / WEIGHTS_FILE, path / LATEST / TAGS[0] / WEIGHTS_FILE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    if path.is_dir():
+        raise UserError(f"{path}: a folder without {WEIGHTS_FILE} (nor best/ or last/ with one)")
+    raise UserError(f"weights file not found: {path}")
+
+
+def is_resumable(path: Path) -> bool:
+    """Whether ``path`` is a run folder with a ``last/`` checkpoint to continue from."""
+    return (path / RECIPE_FILE).is_file() and (path / "last").is_dir()
 
 
 class RunFolder:
@@ -90,23 +134,55 @@ class RunFolder:
         except OSError as error:
             raise UserError(f"--run-dir: cannot create {self.path}: {error}") from None
 
-    # ------------------------------------------------------------------------ metadata
-    def write_recipe(self, recipe_yaml: str) -> None:
-        atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
+    def link_latest(self) -> None:
+        """Point ``<run folder>/../latest`` at this run."""
+        replace_with_link(self.path.parent / LATEST, self.path.name)
 
-    def write_classes(self, classes: list[str]) -> None:
-        write_json(self.path / "classes.json", {str(i): name for i, name in enumerate(classes)})
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / RECIPE_FILE
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def lr_find(self) -> Path:
+        return self.path / "lr_find"
+
+    @property
+    def export(self) -> Path:
+        """Where ``finetune export`` writes by default."""
+        return self.path / "export"
+
+    def weights(self, tag: str = "best") -> Path:
+        return self.path / tag / WEIGHTS_FILE
+
+    # ------------------------------------------------------------------------ metadata
+    def write_start(self, *, recipe_yaml: str, classes: list[str], normalization: dict[str, Any],
+                    load_report: dict[str, Any] | None) -> None:
+        """What a run knows before its first step: recipe, classes, normalisation, load report."""
+        atomic_write_text(self.recipe_file, recipe_yaml)
+        write_json(self.path / CLASSES_FILE, {str(i): name for i, name in enumerate(classes)})
+        write_json(self.path / NORMALIZATION_FILE, normalization)
+        if load_report is not None:
+            write_json(self.path / LOAD_REPORT_FILE, load_report)
 
     def read_classes(self) -> list[str]:
-        mapping = json.loads((self.path / "classes.json").read_text())
+        mapping = json.loads((self.path / CLASSES_FILE).read_text())
         return [mapping[str(i)] for i in range(len(mapping))]
 
+    def read_normalization(self) -> dict[str, Any] | None:
+        """The mean/std the run trained with (``None`` for runs older than the file)."""
+        path = self.path / NORMALIZATION_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json(self.path / "summary.json", summary)
+        write_json(self.path / SUMMARY_FILE, summary)
 
     # ------------------------------------------------------------------------- metrics
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS_FILE
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -114,8 +190,7 @@ class RunFolder:
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Add one epoch's row, dropping rows of later epochs left by an interrupted run."""
         rows = [r for r in self.read_metrics() if r["epoch"] < row["epoch"]] + [row]
-        atomic_write_text(self.path / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
     # ----------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, tag: str, model: torch.nn.Module, state: dict[str, Any]) -> None:
@@ -149,22 +224,3 @@ class RunFolder:
             raise UserError(f"--resume: {folder}: weights (epoch {epoch}) and state "
                             f"(epoch {state['epoch']}) disagree; the save was interrupted")
         return tensors, state
-
-
-def rng_state() -> dict[str, Any]:
-    """The random generators that training draws from (python, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -13,12 +13,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 import finetune
+from finetune.build import build
+from finetune.config.freeze import UnfreezeStep
+from finetune.config.model import HeadConfig
 from finetune.errors import UserError
-from finetune.freeze import UnfreezeStage, apply_unfreeze, freeze, stage_names
+from finetune.freezing import freeze, stage_names, unfreeze_due
 from finetune.model import build_model
-from finetune.optim import param_groups
-from finetune.plan import build_plan
-from finetune.recipe import HeadConfig, Recipe, UnfreezeStep
+from finetune.optim import create_optimizer, param_groups
+from finetune.recipe import Recipe
 from finetune.schedule import build_scheduler
 from tests.conftest import tiny_recipe
 
@@ -108,13 +110,21 @@ def test_frozen_parameters_never_get_gradients_nor_reach_the_optimizer():
 
 
 # -------------------------------------------------------------------------- gradual unfreezing
-def _stage(model: nn.Module, patterns: list[str], epoch: int, lr: float) -> UnfreezeStage:
-    report = freeze(model, until="layer3", unfreeze=[UnfreezeStep(epoch=epoch, patterns=patterns,
-                                                                  lr=lr)])
-    names = set(report.unfreeze[0].names)
-    groups = param_groups(model, lr=lr, names=names)
-    return UnfreezeStage(epoch, [{**g, "name": f"unfreeze@{epoch}/{g['name']}"} for g in groups],
-                         reference_lr=0.1)  # the LR the tests give the optimizer's first group
+def _unfreezing_model(optimizer: str = "sgd", weight_decay: float = 0.0, **options):
+    """A model frozen until layer3 whose layer2 starts training at epoch 2, and its optimizer
+    holding every group from the start."""
+    model = timm.create_model("test_resnet", num_classes=3)
+    report = freeze(model, until="layer3", unfreeze=[UnfreezeStep(epoch=2, patterns=["layer2.*"],
+                                                                  lr=0.01)])
+    built = create_optimizer(model, name=optimizer, lr=0.1, weight_decay=weight_decay,
+                             unfreeze=report.unfreeze, **options)
+    return model, report.unfreeze, built
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def test_unfreeze_pattern_matching_no_frozen_parameter_is_an_error():
@@ -140,80 +150,76 @@ def test_unfreeze_after_the_last_epoch_is_refused_by_key():
     assert any("freeze.unfreeze: epoch(s) [9]" in line for line in caught.value.problems)
 
 
-def test_unfreeze_adds_a_group_that_the_scheduler_knows():
-    """A scheduler built before add_param_group: warmup then cosine, stepped across the switch."""
-    model = timm.create_model("test_resnet", num_classes=3)
-    stage = _stage(model, ["layer2.*"], epoch=2, lr=0.01)
-    optimizer = torch.optim.SGD(param_groups(model, lr=0.1), lr=0.1, momentum=0.9)
-    scheduler = build_scheduler(optimizer, name="cosine", epochs=4, steps_per_epoch=5,
-                                warmup_epochs=2)
+@pytest.mark.parametrize("optimizer, options", [
+    ("sgd", {"momentum": 0.9}), ("adamw", {}), ("adam", {}), ("lamb", {})])
+def test_a_stage_waiting_to_unfreeze_is_bit_identical_under_weight_decay(optimizer, options):
+    """Its groups are in the optimizer, with weight decay, yet nothing moves it until its
+    epoch: without a gradient the optimizers skip the parameter, decay included."""
+    model, stages, built = _unfreezing_model(optimizer, weight_decay=0.1, **options)
+    layer2 = {n: p.detach().clone() for n, p in model.named_parameters() if n in stages[0].names}
+    assert {g["name"] for g in built.param_groups} >= {"default", "unfreeze@2/default"}
     for _ in range(3):
+        _train_step(model, built)
+    for name, param in model.named_parameters():
+        if name in layer2:
+            assert torch.equal(param, layer2[name]), name
+    assert unfreeze_due(model, stages, epoch=1) == []
+    assert unfreeze_due(model, stages, epoch=2) == stages
+    assert unfreeze_due(model, stages, epoch=3) == []  # idempotent: done once
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    moving = {n for n, p in model.named_parameters() if n in layer2 and p.grad.abs().sum() > 0}
+    built.step()
+    assert len(moving) > len(layer2) // 2
+    assert all(not torch.equal(p, layer2[n]) for n, p in model.named_parameters() if n in moving)
+
+
+def test_a_stage_group_follows_the_schedule_from_the_start():
+    """The schedule treats the stage's group like any other: its own base LR, the same factor."""
+    model, _, optimizer = _unfreezing_model()
+    schedule = build_scheduler(optimizer, name="cosine", epochs=4, steps_per_epoch=5,
+                               warmup_epochs=2)
+    default, stage = optimizer.param_groups[0], optimizer.param_groups[-1]
+    assert stage["name"] == "unfreeze@2/default"
+    for _ in range(20):
+        assert stage["lr"] / default["lr"] == pytest.approx(0.1)
         optimizer.step()
-        scheduler.step()
-    assert apply_unfreeze(optimizer, scheduler, [stage], epoch=1) == []
-    assert apply_unfreeze(optimizer, scheduler, [stage], epoch=2) == [stage]
-    assert apply_unfreeze(optimizer, scheduler, [stage], epoch=3) == []  # applied once
-    new = optimizer.param_groups[-1]
-    assert len(optimizer.param_groups) == 2 and new["name"] == "unfreeze@2/default"
-    assert all(p.requires_grad for p in new["params"])
-    assert new["initial_lr"] == pytest.approx(0.01)
-    for _ in range(16):  # through the end of warmup, where cosine restarts from base_lrs
-        assert new["lr"] / optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
-        optimizer.step()
-        scheduler.step()
-    assert [s.base_lrs for s in scheduler._schedulers] == [[0.1, 0.01], [0.1, 0.01]]
-    assert len(scheduler.get_last_lr()) == 2
+        schedule.step_update()
 
 
 @pytest.mark.parametrize("schedule, cycle_momentum", [
-    ("cyclic", False), ("cyclic", True), ("onecycle", False), ("onecycle", True), ("poly", False)])
-def test_unfreeze_group_follows_schedules_that_keep_lrs_per_group(schedule, cycle_momentum):
-    """CyclicLR keeps base and max LRs (and momentums) per group, OneCycleLR in the groups."""
-    model = timm.create_model("test_resnet", num_classes=3)
-    stage = _stage(model, ["layer2.*"], epoch=2, lr=0.01)
-    optimizer = torch.optim.SGD(param_groups(model, lr=0.1), lr=0.1, momentum=0.9)
-    scheduler = build_scheduler(optimizer, name=schedule, epochs=4, steps_per_epoch=3,
-                                max_lr=0.5, cycle_momentum=cycle_momentum)
-    for step in range(10):
+    ("cyclic", False), ("cyclic", True), ("onecycle", False), ("onecycle", True), ("poly", False),
+    ("plateau", False), ("step", False)])
+def test_stage_groups_need_no_scheduler_surgery(schedule, cycle_momentum):
+    """Every schedule, its state saved and loaded into a fresh optimizer of the same build."""
+    def fresh():
+        model, stages, optimizer = _unfreezing_model(momentum=0.9)
+        return model, stages, optimizer, build_scheduler(
+            optimizer, name=schedule, epochs=4, steps_per_epoch=3, max_lr=0.5,
+            cycle_momentum=cycle_momentum)
+
+    model, stages, optimizer, scheduler = fresh()
+    for step in range(8):
         if step == 4:
-            apply_unfreeze(optimizer, scheduler, [stage], epoch=2)
-        optimizer.step()
-        scheduler.step()
-        if step >= 4:
-            old, new = optimizer.param_groups
-            assert new["lr"] == pytest.approx(old["lr"] * 0.1)
-            assert new["momentum"] == pytest.approx(old["momentum"])
-
-
-def test_resumed_optimizer_and_scheduler_need_the_group_first():
-    model = timm.create_model("test_resnet", num_classes=3)
-    stage = _stage(model, ["layer2.*"], epoch=2, lr=0.01)
-    optimizer = torch.optim.SGD(param_groups(model, lr=0.1), lr=0.1, momentum=0.9)
-    scheduler = build_scheduler(optimizer, name="cosine", epochs=3, steps_per_epoch=2)
-    apply_unfreeze(optimizer, scheduler, [stage], epoch=2)
-    optimizer.step()
-    scheduler.step()
+            unfreeze_due(model, stages, epoch=2)
+        _train_step(model, optimizer)
+        scheduler.step_update()
+        old, new = optimizer.param_groups[0], optimizer.param_groups[-1]
+        assert new["lr"] == pytest.approx(old["lr"] * 0.1)
+        assert new["momentum"] == pytest.approx(old["momentum"])
     saved = optimizer.state_dict(), scheduler.state_dict()
-
-    for param in stage.groups[0]["params"]:
-        param.requires_grad_(False)  # a fresh process: frozen again
-    optimizer = torch.optim.SGD(param_groups(model, lr=0.1), lr=0.1, momentum=0.9)
-    scheduler = build_scheduler(optimizer, name="cosine", epochs=3, steps_per_epoch=2)
-    with pytest.raises(ValueError):
-        optimizer.load_state_dict(saved[0])
-    apply_unfreeze(optimizer, scheduler, [stage], epoch=2)
+    _, _, optimizer, scheduler = fresh()
     optimizer.load_state_dict(saved[0])
     scheduler.load_state_dict(saved[1])
     assert scheduler.get_last_lr() == pytest.approx([g["lr"] for g in optimizer.param_groups])
 
 
-def test_unfreeze_group_gets_the_optimizer_wide_lr_scaling():
-    """With every LR scaled (the linear scaling rule), the new group is scaled alike."""
+def test_stage_groups_get_the_optimizer_wide_lr_scaling():
+    """With every LR scaled (the linear scaling rule), the stage's group is scaled alike."""
     model = timm.create_model("test_resnet", num_classes=3)
-    stage = _stage(model, ["layer2.*"], epoch=2, lr=0.01)
-    groups = [{**g, "lr": g["lr"] * 2} for g in param_groups(model, lr=0.1)]
-    optimizer = torch.optim.SGD(groups, lr=0.2)
-    apply_unfreeze(optimizer, None, [stage], epoch=2)
+    report = freeze(model, until="layer3", unfreeze=[UnfreezeStep(epoch=2, patterns=["layer2.*"],
+                                                                  lr=0.01)])
+    optimizer = create_optimizer(model, lr=0.1, unfreeze=report.unfreeze, lr_scaling="linear",
+                                 batch_size=512, base_batch_size=256)
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.02)
 
 
@@ -235,7 +241,7 @@ def _run(tmp: Path, name: str, **kwargs) -> Path:
 def trained(tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path]:
     """The model a tiny recipe starts from, and its run folder after 3 epochs."""
     tmp = tmp_path_factory.mktemp("freeze-run")
-    initial = {k: v.clone() for k, v in build_plan(Recipe.from_dict(RECIPE)).built.model
+    initial = {k: v.clone() for k, v in build(Recipe.from_dict(RECIPE), data=False).network.model
                .state_dict().items()}
     return initial, _run(tmp, "straight")
 
@@ -256,26 +262,26 @@ def test_frozen_parameters_and_batchnorm_statistics_are_bit_identical_after_trai
         assert any(not torch.equal(final[k], initial[k]) for k in initial if k.startswith(prefix))
 
 
-def test_unfrozen_group_shows_in_the_metrics_from_its_epoch(trained):
+def test_stage_group_lr_is_in_the_metrics_and_follows_the_schedule(trained):
     _, run_dir = trained
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    keys = [{k for k in row if k.startswith("lr/unfreeze@2")} for row in rows]
-    assert keys[0] == set() and keys[1] == keys[2] == {"lr/unfreeze@2/default"}
-    # Its own base LR, following the same schedule as the default group (0.05).
-    for row in rows[1:]:
+    # Its own base LR, following the same schedule as the default group (0.05), every epoch.
+    for row in rows:
         assert row["lr/unfreeze@2/default"] == pytest.approx(row["lr/default"] * 0.01 / 0.05)
     assert rows[1]["lr/unfreeze@2/default"] > 0
 
 
-def test_resume_after_the_unfreeze_epoch_reaches_the_same_weights(trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_epoch", [2, 3])  # before and after the unfreeze at epoch 2
+def test_a_resume_across_the_unfreeze_epoch_is_bit_identical(trained, tmp_path, monkeypatch,
+                                                              stop_epoch):
     _, straight = trained
 
-    def stop_at_epoch_3(optimizer, scheduler, stages, epoch):
-        if epoch == 3:
+    def stop(model, stages, epoch):
+        if epoch == stop_epoch:
             raise KeyboardInterrupt
-        return apply_unfreeze(optimizer, scheduler, stages, epoch)
+        return unfreeze_due(model, stages, epoch)
 
-    monkeypatch.setattr("finetune.loop.apply_unfreeze", stop_at_epoch_3)
+    monkeypatch.setattr("finetune.loop.unfreeze_due", stop)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "interrupted")
     monkeypatch.undo()
@@ -284,4 +290,4 @@ def test_resume_after_the_unfreeze_epoch_reaches_the_same_weights(trained, tmp_p
     expected = load_file(straight / "last" / "model.safetensors")
     actual = load_file(resumed / "last" / "model.safetensors")
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+        assert torch.equal(actual[key], expected[key]), key

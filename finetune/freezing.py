@@ -1,38 +1,35 @@
 """Freezing parameters (by pattern or by stage), the BatchNorm policy, and gradual unfreezing.
 
-A frozen parameter has ``requires_grad=False``: it never gets a gradient and never reaches the
-optimizer. A "frozen" BatchNorm layer also stays in eval mode, so its running statistics do not
-drift, however often the training loop calls ``model.train()``. Gradual unfreezing makes frozen
-parameters trainable at the start of a given epoch and adds them to the optimizer as new groups
-(``apply_unfreeze``), joining the LR schedule where it stands.
+A frozen parameter has ``requires_grad=False``: it never gets a gradient and never changes in an
+optimizer step. A "frozen" BatchNorm layer also stays in eval mode, so its running statistics do
+not drift, however often the training loop calls ``model.train()``. Gradual unfreezing makes
+frozen parameters trainable at the start of a given epoch (``unfreeze_due``) by flipping
+``requires_grad``: their optimizer groups exist from the start and follow the LR schedule like
+any other, and torch's and timm's optimizers skip a parameter that has no gradient.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from finetune.config import UnfreezeStep
 from finetune.errors import UserError
 from finetune.patterns import matches_any, unmatched_patterns
-
-
-class UnfreezeRule(Protocol):
-    """One step of ``freeze.unfreeze`` (``finetune.recipe.UnfreezeStep`` is one)."""
-
-    epoch: int
-    patterns: list[str]
-    lr: float | None
+from finetune.recipe import as_section
 
 
 @dataclass
-class ScheduledUnfreeze:
-    """The parameters one unfreeze step will make trainable, resolved against the model."""
+class UnfreezeStage:
+    """The frozen parameters (``names``) that start training at the start of ``epoch``.
+
+    ``lr``: the LR of their optimizer groups, if the step sets one (else the group rules').
+    """
 
     epoch: int
     patterns: list[str]
@@ -49,7 +46,7 @@ class FreezeReport:
     frozen_batchnorms: list[str]
     batchnorm: str = "train"
     until: str | None = None
-    unfreeze: list[ScheduledUnfreeze] = field(default_factory=list)
+    unfreeze: list[UnfreezeStage] = field(default_factory=list)
 
 
 def freeze(
@@ -58,7 +55,7 @@ def freeze(
     patterns: Iterable[str] = (),
     until: str | None = None,
     batchnorm: str = "train",
-    unfreeze: Sequence[UnfreezeRule] = (),
+    unfreeze: Sequence[UnfreezeStep | Mapping[str, Any]] = (),
     head: str | None = None,
 ) -> FreezeReport:
     """Freeze the parameters matching ``patterns`` and those before the stage ``until``.
@@ -72,8 +69,10 @@ def freeze(
         batchnorm: ``"frozen"`` keeps every BatchNorm layer in eval mode (running statistics
             fixed) across ``model.train()`` calls; ``"train"`` leaves them alone. Whether their
             affine weights train is up to ``patterns`` and ``until``.
-        unfreeze: steps that make frozen parameters trainable at a later epoch; each pattern
-            must match a parameter frozen here (checked now, applied by ``apply_unfreeze``).
+        unfreeze: steps that make frozen parameters trainable at a later epoch
+            (``UnfreezeStep``s or mappings: ``{"epoch": 3, "patterns": ["layer3.*"]}``); each
+            pattern must match a parameter frozen here (checked now, applied by
+            ``unfreeze_due``).
         head: the module name of the new head, whose BatchNorm layers (an mlp head's) have no
             statistics worth keeping and always train.
 
@@ -85,6 +84,8 @@ def freeze(
     if batchnorm not in {"train", "frozen"}:
         raise UserError(f"freeze.batchnorm: expected train or frozen, got {batchnorm!r}")
     patterns = list(patterns)
+    unfreeze = [as_section(UnfreezeStep, step, f"freeze.unfreeze.{index}")
+                for index, step in enumerate(unfreeze)]
     names = [name for name, _ in model.named_parameters()]
     _check_patterns("freeze.patterns", patterns, names)
     to_freeze = {name for name in names if matches_any(name, patterns)}
@@ -165,14 +166,14 @@ def freeze_batchnorm_statistics(model: nn.Module, skip: str | None = None) -> li
 
 
 # -------------------------------------------------------------------------- gradual unfreezing
-def schedule_unfreeze(frozen: list[str], steps: Sequence[UnfreezeRule]) -> list[ScheduledUnfreeze]:
+def schedule_unfreeze(frozen: list[str], steps: Sequence[UnfreezeStep]) -> list[UnfreezeStage]:
     """Resolve each step (in epoch order) to the frozen parameters it will make trainable.
 
     A parameter belongs to the earliest step that matches it. A pattern that matches no frozen
     parameter, or a step left with nothing to unfreeze, is an error.
     """
     claimed: set[str] = set()
-    scheduled = []
+    stages = []
     for step in sorted(steps, key=lambda s: s.epoch):
         unmatched = unmatched_patterns(step.patterns, frozen)
         if unmatched:
@@ -183,88 +184,25 @@ def schedule_unfreeze(frozen: list[str], steps: Sequence[UnfreezeRule]) -> list[
             raise UserError(f"freeze.unfreeze (epoch {step.epoch}): an earlier step already "
                             "unfreezes every parameter these patterns match", step.patterns)
         claimed.update(names)
-        scheduled.append(ScheduledUnfreeze(step.epoch, list(step.patterns), step.lr, names))
-    return scheduled
+        stages.append(UnfreezeStage(step.epoch, list(step.patterns), step.lr, names))
+    return stages
 
 
-@dataclass
-class UnfreezeStage:
-    """Optimizer groups (``finetune.optim.param_groups`` format) to add at the start of ``epoch``.
+def unfreeze_due(model: nn.Module, stages: Sequence[UnfreezeStage], epoch: int
+                 ) -> list[UnfreezeStage]:
+    """Make the parameters of every stage due by ``epoch`` trainable; return the stages that
+    changed anything.
 
-    ``reference_lr`` is the LR the optimizer's first group was configured with: the new groups
-    then get any scaling applied to every LR (the linear scaling rule; OneCycleLR's start at
-    ``max_lr / div_factor``) as the first group did. Without it, the first group's
-    ``initial_lr`` stands in, which is right only when nothing rescaled it.
+    The loop calls it at the start of each epoch, and a resumed run gets the same calls, so it
+    is idempotent. Nothing else changes: the parameters' optimizer groups were built with the
+    others and have followed the LR schedule all along, without a gradient to step with.
     """
-
-    epoch: int
-    groups: list[dict[str, Any]]
-    reference_lr: float | None = None
-
-    @property
-    def applied(self) -> bool:
-        return all(p.requires_grad for group in self.groups for p in group["params"])
-
-
-def apply_unfreeze(optimizer: torch.optim.Optimizer, scheduler: Any,
-                   stages: Sequence[UnfreezeStage], epoch: int) -> list[UnfreezeStage]:
-    """Unfreeze every stage due by ``epoch`` that is not applied yet; return those applied now.
-
-    The training loop calls this at the start of each epoch; a resumed run calls it with the
-    last completed epoch before loading the optimizer state, so the groups match. Each new group
-    joins the LR schedule where it stands: its LR is its own base LR times the factor the
-    schedule has reached (read from the optimizer's first group), and the scheduler learns its
-    base LR, so warmup, decay and ``scheduler.state_dict()`` cover it like any other group.
-    """
-    applied = []
+    parameters = dict(model.named_parameters())
+    unfrozen = []
     for stage in stages:
-        if stage.epoch > epoch or stage.applied:
-            continue
-        for group in stage.groups:
-            for param in group["params"]:
+        params = [parameters[name] for name in stage.names]
+        if stage.epoch <= epoch and not all(p.requires_grad for p in params):
+            for param in params:
                 param.requires_grad_(True)
-            _add_group(optimizer, scheduler, group, stage.reference_lr)
-        applied.append(stage)
-    return applied
-
-
-def _add_group(optimizer: torch.optim.Optimizer, scheduler: Any, group: dict[str, Any],
-               reference_lr: float | None) -> None:
-    """Add ``group`` with every per-group LR value scaled from the first group's by LR ratio."""
-    reference = optimizer.param_groups[0]
-    initial = reference.get("initial_lr", reference["lr"])  # set by torch's schedulers
-    ratio = group["lr"] / (reference_lr or initial)
-    # torch requires all groups or none to carry param_names: follow the existing ones.
-    new = {key: value for key, value in group.items()
-           if key != "param_names" or "param_names" in reference}
-    new["initial_lr"] = initial * ratio
-    new["lr"] = reference["lr"] * ratio
-    for key in ("max_lr", "min_lr"):  # OneCycleLR keeps these in each group
-        if key in reference:
-            new[key] = reference[key] * ratio
-    for key in ("base_momentum", "max_momentum", "momentum", "betas"):  # cycled momentum
-        if key in reference:
-            new[key] = reference[key]
-    optimizer.add_param_group(new)
-    for schedule in _schedulers(scheduler):
-        # Per-group lists that torch's schedulers zip (strictly) with optimizer.param_groups.
-        for attribute in ("base_lrs", "max_lrs"):
-            values = getattr(schedule, attribute, None)
-            if isinstance(values, list) and values:
-                values.append(values[0] * ratio)
-        for attribute in ("base_momentums", "max_momentums"):  # CyclicLR's, not LR-scaled
-            values = getattr(schedule, attribute, None)
-            if isinstance(values, list) and values:
-                values.append(values[0])
-        if isinstance(getattr(schedule, "min_lrs", None), list):  # ReduceLROnPlateau's floor
-            schedule.min_lrs.append(schedule.min_lrs[0])
-        if isinstance(getattr(schedule, "_last_lr", None), list):
-            schedule._last_lr.append(new["lr"])
-
-
-def _schedulers(scheduler: Any) -> list[Any]:
-    """The scheduler and, for SequentialLR or ChainedScheduler, the ones inside it."""
-    if scheduler is None:
-        return []
-    inner = getattr(scheduler, "_schedulers", [])
-    return [scheduler, *(s for child in inner for s in _schedulers(child))]
+            unfrozen.append(stage)
+    return unfrozen

@@ -1,0 +1,53 @@
+"""The ``train:``, ``output:`` and ``export:`` sections: the loop's settings, where the run is
+written, and the defaults of ``finetune export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, get_args
+
+from pydantic import Field, field_validator
+
+from finetune.config.common import NonNegativeFloat, PositiveFloat, PositiveInt, Section
+
+
+class TrainConfig(Section):
+    """The training loop's settings (``finetune.loop.fit`` and ``finetune.runtime``)."""
+
+    epochs: PositiveInt = 10
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_accum_steps: PositiveInt = 1
+    clip_grad_norm: PositiveFloat | None = None
+    channels_last: bool | Literal["auto"] = "auto"
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    sync_batchnorm: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        kind = value.split(":")[0]
+        if kind not in {"auto", "cpu", "cuda", "mps"}:
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class OutputConfig(Section):
+    """Where the run folder goes, and which metric picks the best weights."""
+
+    dir: Path = Path("checkpoints")
+    save_best: Literal["val/top1", "val/loss"] = "val/top1"
+
+
+ExportFormat = Literal["safetensors", "torchscript", "onnx", "pt2"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+
+class ExportConfig(Section):
+    """Defaults of ``finetune export`` for this run; its command-line options override them."""
+
+    fuse_bn: bool = True
+    formats: Annotated[list[ExportFormat], Field(min_length=1)] = [
+        "safetensors", "torchscript"]
+    tolerance: NonNegativeFloat = 1e-4  # largest logit difference, relative to the largest |logit|
+
