@@ -59,22 +59,42 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_jpeg_folder(Path(tmp), images=args.images, classes=4, long_side=args.source)
-        recipe = Recipe.from_dict({
-            "name": "loader-benchmark", "model": {"backbone": "resnet50"},
-            "data": {"train": {"type": "imagefolder", "root": tmp}, "val_split": 0.01,
-                     "image_size": args.size, "batch_size": args.batch,
-                     "augment": ["random_resized_crop", "hflip"], "normalize": "imagenet"}})
+        recipe = Recipe.from_dict(
+            {
+                "name": "loader-benchmark",
+                "model": {"backbone": "resnet50"},
+                "data": {
+                    "train": {"type": "imagefolder", "root": tmp},
+                    "val_split": 0.01,
+                    "image_size": args.size,
+                    "batch_size": args.batch,
+                    "augment": ["random_resized_crop", "hflip"],
+                    "normalize": "imagenet",
+                },
+            }
+        )
         train = build_datasets(recipe.data, seed=0).train
-        print(f"{len(train)} JPEGs of {args.source}x{args.source * 3 // 4} -> {args.size} px, "
-              f"batch {args.batch}, {os.cpu_count()} CPU cores, torch threads "
-              f"{torch.get_num_threads()} (workers use 1), load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"{len(train)} JPEGs of {args.source}x{args.source * 3 // 4} -> {args.size} px, "
+            f"batch {args.batch}, {os.cpu_count()} CPU cores, torch threads "
+            f"{torch.get_num_threads()} (workers use 1), load average {os.getloadavg()[0]:.1f}"
+        )
         for workers in args.workers:
-            loader = build_loader(train, batch_size=args.batch, train=True, num_workers=workers,
-                                  pin_memory=False, seed=0, persistent_workers=True)
+            loader = build_loader(
+                train,
+                batch_size=args.batch,
+                train=True,
+                num_workers=workers,
+                pin_memory=False,
+                seed=0,
+                persistent_workers=True,
+            )
             epoch_images_per_second(loader)  # warm-up: starts the worker processes
             rates = [epoch_images_per_second(loader) for _ in range(args.epochs)]
-            print(f"num_workers {workers}: {statistics.median(rates):7.1f} img/s (median of "
-                  f"{args.epochs} epochs; {min(rates):.1f}-{max(rates):.1f})")
+            print(
+                f"num_workers {workers}: {statistics.median(rates):7.1f} img/s (median of "
+                f"{args.epochs} epochs; {min(rates):.1f}-{max(rates):.1f})"
+            )
             del loader  # stops its workers before the next count starts its own
 
 

@@ -33,10 +33,15 @@ def main() -> None:
         weights = finetune.run(pretrain, run_dir=Path(tmp) / "pretrain", console=quiet).run_dir
         results: dict[str, list[tuple[float, float]]] = {"pretrained": [], "scratch": []}
         for seed in args.seeds:
-            for kind, recipe_file in (("pretrained", "digits-finetune.yaml"),
-                                      ("scratch", "digits-scratch.yaml")):
-                overrides = {"seed": seed, "data.train.seed": seed,
-                             "data.train.per_class": args.per_class}
+            for kind, recipe_file in (
+                ("pretrained", "digits-finetune.yaml"),
+                ("scratch", "digits-scratch.yaml"),
+            ):
+                overrides = {
+                    "seed": seed,
+                    "data.train.seed": seed,
+                    "data.train.per_class": args.per_class,
+                }
                 if kind == "pretrained":
                     overrides["model.pretrained"] = str(weights)
                 recipe = finetune.Recipe.load(RECIPES / recipe_file, overrides)
@@ -46,8 +51,10 @@ def main() -> None:
                 results[kind].append((final, best))
                 print(f"seed {seed}  {kind:10s}  final {final:.1%}  best {best:.1%}", flush=True)
     for kind, rows in results.items():
-        print(f"{kind:10s} mean final {statistics.mean(r[0] for r in rows):.1%}  "
-              f"mean best {statistics.mean(r[1] for r in rows):.1%}  over seeds {args.seeds}")
+        print(
+            f"{kind:10s} mean final {statistics.mean(r[0] for r in rows):.1%}  "
+            f"mean best {statistics.mean(r[1] for r in rows):.1%}  over seeds {args.seeds}"
+        )
 
 
 if __name__ == "__main__":

@@ -44,12 +44,16 @@ def benchmark(name: str, size: int, batch_size: int, rounds: int, iterations: in
     model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
     batch = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     variants: dict[str, Callable[..., object]] = {
-        "unfused": model, "fuse_bn": fuse_bn(model, example_input=batch[:2])}
+        "unfused": model,
+        "fuse_bn": fuse_bn(model, example_input=batch[:2]),
+    }
     traced = fx_fused(model)
     if traced is not None:
         variants["fx fuse"] = traced
-    print(f"{name} @ {size}px, batch {batch_size}, {torch.get_num_threads()} threads, "
-          f"{iterations} batches per measurement")
+    print(
+        f"{name} @ {size}px, batch {batch_size}, {torch.get_num_threads()} threads, "
+        f"{iterations} batches per measurement"
+    )
     speeds: dict[str, list[float]] = {key: [] for key in variants}
     with torch.inference_mode():
         reference = model(batch)
@@ -59,8 +63,11 @@ def benchmark(name: str, size: int, batch_size: int, rounds: int, iterations: in
         for round_index in range(rounds):
             for key, variant in variants.items():
                 speeds[key].append(images_per_second(variant, batch, iterations))
-            print(f"  round {round_index + 1}: " + "   ".join(
-                f"{key} {values[-1]:6.1f}" for key, values in speeds.items()) + " img/s")
+            print(
+                f"  round {round_index + 1}: "
+                + "   ".join(f"{key} {values[-1]:6.1f}" for key, values in speeds.items())
+                + " img/s"
+            )
     base = statistics.median(speeds["unfused"])
     for key, values in speeds.items():
         median = statistics.median(values)
@@ -69,8 +76,9 @@ def benchmark(name: str, size: int, batch_size: int, rounds: int, iterations: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50:224", "resnet18:128"],
-                        help="timm name:image size")
+    parser.add_argument(
+        "--models", nargs="+", default=["resnet50:224", "resnet18:128"], help="timm name:image size"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=3)

@@ -39,8 +39,15 @@ def bare_epoch(model, batches, optimizer, device) -> float:
 
 
 def our_epoch(model, batches, optimizer, runtime, scheduler) -> float:
-    metrics = train_one_epoch(model, batches, optimizer, scheduler, runtime,
-                              EpochProgress(enabled=False), FitOptions(epochs=1, num_classes=10))
+    metrics = train_one_epoch(
+        model,
+        batches,
+        optimizer,
+        scheduler,
+        runtime,
+        EpochProgress(enabled=False),
+        FitOptions(epochs=1, num_classes=10),
+    )
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     return metrics["img_per_s"]
@@ -56,8 +63,10 @@ def main() -> None:
     args = parser.parse_args()
     runtime = Runtime.create(precision="fp32")  # the same arithmetic for both loops
     torch.manual_seed(0)
-    batches = [(torch.randn(args.batch, 3, args.size, args.size),
-                torch.randint(0, 10, (args.batch,))) for _ in range(args.batches)]
+    batches = [
+        (torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,)))
+        for _ in range(args.batches)
+    ]
     ours_model = timm.create_model(args.model, num_classes=10).to(runtime.device)
     bare_model = timm.create_model(args.model, num_classes=10).to(runtime.device)
     ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.01, momentum=0.9)
@@ -66,14 +75,18 @@ def main() -> None:
     our_epoch(ours_model, batches[:1], ours_opt, runtime, scheduler)  # warm-up
     bare_epoch(bare_model, batches[:1], bare_opt, runtime.device)
     ratios = []
-    print(f"{args.model} @ {args.size}px, batch {args.batch}, device {runtime.device}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.model} @ {args.size}px, batch {args.batch}, device {runtime.device}, "
+        f"{torch.get_num_threads()} threads"
+    )
     for round_index in range(args.rounds):
         bare = bare_epoch(bare_model, batches, bare_opt, runtime.device)
         ours = our_epoch(ours_model, batches, ours_opt, runtime, scheduler)
         ratios.append(ours / bare)
-        print(f"round {round_index + 1}: bare {bare:7.1f} img/s   finetune {ours:7.1f} img/s   "
-              f"ratio {ours / bare:.3f}")
+        print(
+            f"round {round_index + 1}: bare {bare:7.1f} img/s   finetune {ours:7.1f} img/s   "
+            f"ratio {ours / bare:.3f}"
+        )
     print(f"median ratio finetune/bare: {statistics.median(ratios):.3f}")
 
 

@@ -42,31 +42,43 @@ def _maybe(transform: v2.Transform, p: float) -> v2.Transform:
 # for the batch stage, the number of classes.
 BUILDERS: dict[str, Callable[[Any, int], Callable[..., Any]]] = {
     "resize": lambda a, size: v2.Resize(
-        a.size or size, interpolation=InterpolationMode(a.interpolation), antialias=True),
+        a.size or size, interpolation=InterpolationMode(a.interpolation), antialias=True
+    ),
     "center_crop": lambda a, size: v2.CenterCrop(a.size or size),
     "random_crop": lambda a, size: v2.RandomCrop(
-        size, padding=a.padding or None, pad_if_needed=True, padding_mode=a.padding_mode),
+        size, padding=a.padding or None, pad_if_needed=True, padding_mode=a.padding_mode
+    ),
     "random_resized_crop": lambda a, size: v2.RandomResizedCrop(
-        size, scale=a.scale, ratio=a.ratio, interpolation=InterpolationMode(a.interpolation),
-        antialias=True),
+        size,
+        scale=a.scale,
+        ratio=a.ratio,
+        interpolation=InterpolationMode(a.interpolation),
+        antialias=True,
+    ),
     "hflip": lambda a, size: v2.RandomHorizontalFlip(p=a.p),
     "vflip": lambda a, size: v2.RandomVerticalFlip(p=a.p),
     "rotate": lambda a, size: v2.RandomRotation(a.degrees, fill=a.fill),
     # Exact quarter turns: torchvision transposes for 90/180/270 instead of resampling.
     "rotate90": lambda a, size: v2.RandomChoice(
-        [v2.RandomRotation((angle, angle), expand=True) for angle in a.angles]),
+        [v2.RandomRotation((angle, angle), expand=True) for angle in a.angles]
+    ),
     "color_jitter": lambda a, size: v2.ColorJitter(
-        brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue),
+        brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue
+    ),
     "autoaugment": lambda a, size: v2.AutoAugment(v2.AutoAugmentPolicy(a.policy)),
     "randaugment": lambda a, size: v2.RandAugment(num_ops=a.num_ops, magnitude=a.magnitude),
     "trivialaugment": lambda a, size: v2.TrivialAugmentWide(
-        num_magnitude_bins=a.num_magnitude_bins),
+        num_magnitude_bins=a.num_magnitude_bins
+    ),
     "gaussian_blur": lambda a, size: _maybe(
-        v2.GaussianBlur(a.kernel_size or (size // 10) // 2 * 2 + 1, sigma=a.sigma), a.p),
+        v2.GaussianBlur(a.kernel_size or (size // 10) // 2 * 2 + 1, sigma=a.sigma), a.p
+    ),
     "gaussian_noise": lambda a, size: _maybe(
-        v2.GaussianNoise(mean=a.mean, sigma=a.sigma, clip=a.clip), a.p),
-    "random_erasing": lambda a, size: v2.RandomErasing(p=a.p, scale=a.scale, ratio=a.ratio,
-                                                       value=a.value),
+        v2.GaussianNoise(mean=a.mean, sigma=a.sigma, clip=a.clip), a.p
+    ),
+    "random_erasing": lambda a, size: v2.RandomErasing(
+        p=a.p, scale=a.scale, ratio=a.ratio, value=a.value
+    ),
     "mixup": lambda a, num_classes: v2.MixUp(alpha=a.alpha, num_classes=num_classes),
     "cutmix": lambda a, num_classes: v2.CutMix(alpha=a.alpha, num_classes=num_classes),
 }
@@ -82,14 +94,17 @@ class RejectNormalized:
         if isinstance(image, torch.Tensor) and image.is_floating_point() and image.numel():
             low, high = image.min().item(), image.max().item()
             if low < 0 or high > 1:
-                raise UserError(f"an image reached the transforms with values in [{low:.2f}, "
-                                f"{high:.2f}]: already normalised? finetune normalises once "
-                                "(data.normalize); give it images, or float pixels in [0, 1]")
+                raise UserError(
+                    f"an image reached the transforms with values in [{low:.2f}, "
+                    f"{high:.2f}]: already normalised? finetune normalises once "
+                    "(data.normalize); give it images, or float pixels in [0, 1]"
+                )
         return image
 
 
-def build_transforms(data: DataConfig, mean: Sequence[float] | None,
-                     std: Sequence[float] | None, train: bool) -> v2.Compose:
+def build_transforms(
+    data: DataConfig, mean: Sequence[float] | None, std: Sequence[float] | None, train: bool
+) -> v2.Compose:
     """The per-image transform of training (``train``) or evaluation: image in, normalised
     float tensor of ``image_size`` out.
 
@@ -102,19 +117,28 @@ def build_transforms(data: DataConfig, mean: Sequence[float] | None,
     chosen = data.augment if train else data.eval_transforms
 
     def stage(kind: str) -> list[Callable[[Any], Any]]:
-        return [BUILDERS[item.name](item.args, data.image_size) for item in chosen
-                if item.spec.stage == kind]
+        return [
+            BUILDERS[item.name](item.args, data.image_size)
+            for item in chosen
+            if item.spec.stage == kind
+        ]
 
     steps: list[Callable[[Any], Any]] = [
-        v2.ToImage(), RejectNormalized(), *_size_steps(chosen, data.image_size, data.crop_pct),
-        *stage("uint8"), v2.ToDtype(torch.float32, scale=True), *stage("float")]
+        v2.ToImage(),
+        RejectNormalized(),
+        *_size_steps(chosen, data.image_size, data.crop_pct),
+        *stage("uint8"),
+        v2.ToDtype(torch.float32, scale=True),
+        *stage("float"),
+    ]
     if mean is not None:
         steps.append(v2.Normalize(mean=list(mean), std=list(std)))
     return v2.Compose(steps + stage("erase"))
 
 
-def _size_steps(chosen: Sequence[Augmentation], image_size: int, crop_pct: float
-                ) -> list[Callable[[Any], Any]]:
+def _size_steps(
+    chosen: Sequence[Augmentation], image_size: int, crop_pct: float
+) -> list[Callable[[Any], Any]]:
     """To ``image_size``: a random resized crop, or a resize then a centre (or random) crop."""
     given = {item.name: item.args for item in chosen}
 
@@ -143,8 +167,9 @@ class MixCollate:
         return self.mix(images, labels)
 
 
-def build_batch_transform(augment: Sequence[Augmentation | str | dict[str, Any]],
-                          num_classes: int) -> MixCollate | None:
+def build_batch_transform(
+    augment: Sequence[Augmentation | str | dict[str, Any]], num_classes: int
+) -> MixCollate | None:
     """The training loader's ``collate_fn`` for ``mixup``/``cutmix``; ``None`` without them.
 
     Args:
@@ -155,8 +180,9 @@ def build_batch_transform(augment: Sequence[Augmentation | str | dict[str, Any]]
         items = parse_augmentations(list(augment))
     except ValueError as error:
         raise UserError(f"data.augment: {error}") from None
-    mixes = [BUILDERS[item.name](item.args, num_classes) for item in items
-             if item.spec.stage == "batch"]
+    mixes = [
+        BUILDERS[item.name](item.args, num_classes) for item in items if item.spec.stage == "batch"
+    ]
     if not mixes:
         return None
     return MixCollate(mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes))

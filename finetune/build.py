@@ -69,8 +69,11 @@ class Built:
     @property
     def effective_batch_size(self) -> int:
         """Images per optimizer step: per-process batch x processes x accumulation steps."""
-        return (self.recipe.data.batch_size * self.runtime.world_size
-                * self.recipe.train.grad_accum_steps)
+        return (
+            self.recipe.data.batch_size
+            * self.runtime.world_size
+            * self.recipe.train.grad_accum_steps
+        )
 
     def class_weights(self) -> torch.Tensor | None:
         """``data.class_weights`` as a tensor on the device (``None``: unweighted loss)."""
@@ -78,21 +81,26 @@ class Built:
         return None if weights is None else weights.to(self.runtime.device)
 
 
-def eval_loader(data: DataConfig, runtime: Runtime, dataset: Dataset, *, once: bool = False
-                ) -> DataLoader:
+def eval_loader(
+    data: DataConfig, runtime: Runtime, dataset: Dataset, *, once: bool = False
+) -> DataLoader:
     """An evaluation loader sharded over processes; ``once``: no workers kept between passes
     (for a split evaluated a single time)."""
-    return build_loader(dataset, batch_size=data.eval_batch_size or 2 * data.batch_size,
-                        train=False, num_workers=resolve_num_workers(data.num_workers),
-                        pin_memory=runtime.pin_memory,
-                        persistent_workers=data.persistent_workers and not once,
-                        prefetch_factor=data.prefetch_factor,
-                        sampler=ShardSampler(len(dataset), rank=runtime.rank,
-                                             world_size=runtime.world_size))
+    return build_loader(
+        dataset,
+        batch_size=data.eval_batch_size or 2 * data.batch_size,
+        train=False,
+        num_workers=resolve_num_workers(data.num_workers),
+        pin_memory=runtime.pin_memory,
+        persistent_workers=data.persistent_workers and not once,
+        prefetch_factor=data.prefetch_factor,
+        sampler=ShardSampler(len(dataset), rank=runtime.rank, world_size=runtime.world_size),
+    )
 
 
-def build(recipe: Recipe, *, data: bool = True, steps_per_epoch: int = 1,
-          auto_lr: bool = True) -> Built:
+def build(
+    recipe: Recipe, *, data: bool = True, steps_per_epoch: int = 1, auto_lr: bool = True
+) -> Built:
     """Build the recipe's runtime, data, model, optimizer and schedule.
 
     Args:
@@ -105,19 +113,27 @@ def build(recipe: Recipe, *, data: bool = True, steps_per_epoch: int = 1,
     """
     check_backbone_name(recipe.model.backbone)
     seed_everything(recipe.seed)
-    runtime = Runtime.create(device=recipe.train.device, precision=recipe.train.precision,
-                             channels_last=recipe.train.channels_last)
+    runtime = Runtime.create(
+        device=recipe.train.device,
+        precision=recipe.train.precision,
+        channels_last=recipe.train.channels_last,
+    )
     datasets = None
     if data:
-        datasets = build_datasets(recipe.data, seed=recipe.seed,
-                                  num_classes=recipe.model.num_classes,
-                                  pretrained_cfg=pretrained_config(recipe.model.backbone))
+        datasets = build_datasets(
+            recipe.data,
+            seed=recipe.seed,
+            num_classes=recipe.model.num_classes,
+            pretrained_cfg=pretrained_config(recipe.model.backbone),
+        )
         # `normalize: dataset` is measured once: the run's recipe.yaml keeps the values.
         recipe = with_measured_normalization(recipe, datasets.normalization)
     num_classes = _num_classes(recipe, datasets)
     if recipe.freeze.unfreeze and runtime.distributed:
-        raise UserError("freeze.unfreeze: gradual unfreezing needs a single process; DDP fixes "
-                        "the set of trainable parameters when it wraps the model")
+        raise UserError(
+            "freeze.unfreeze: gradual unfreezing needs a single process; DDP fixes "
+            "the set of trainable parameters when it wraps the model"
+        )
     if recipe.scheduler.monitor == "val/top5" and num_classes < 5:
         raise UserError("scheduler.monitor: val/top5 is only logged with 5 or more classes")
     torch.manual_seed(recipe.seed)  # the new head starts from the same weights in every command
@@ -132,20 +148,38 @@ def build(recipe: Recipe, *, data: bool = True, steps_per_epoch: int = 1,
         steps_per_epoch = -(-len(loaders[0]) // recipe.train.grad_accum_steps)
     lr = recipe.optimizer.lr
     if lr == "auto" and not auto_lr:
-        raise UserError("optimizer.lr: 'auto' is found when training starts; to plan, give a "
-                        "number, e.g. --set optimizer.lr=0.01")
-    lr_scale = lr_scale_factor(lr_scaling=recipe.optimizer.lr_scaling,
-                               base_batch_size=recipe.optimizer.base_batch_size,
-                               batch_size=recipe.data.batch_size,
-                               grad_accum_steps=recipe.train.grad_accum_steps,
-                               world_size=runtime.world_size)
-    built = Built(recipe, runtime, network, model, num_classes, report, [], report.unfreeze,
-                  lr_scale, None, None, steps_per_epoch, datasets,  # type: ignore[arg-type]
-                  *loaders)
+        raise UserError(
+            "optimizer.lr: 'auto' is found when training starts; to plan, give a "
+            "number, e.g. --set optimizer.lr=0.01"
+        )
+    lr_scale = lr_scale_factor(
+        lr_scaling=recipe.optimizer.lr_scaling,
+        base_batch_size=recipe.optimizer.base_batch_size,
+        batch_size=recipe.data.batch_size,
+        grad_accum_steps=recipe.train.grad_accum_steps,
+        world_size=runtime.world_size,
+    )
+    built = Built(
+        recipe,
+        runtime,
+        network,
+        model,
+        num_classes,
+        report,
+        [],
+        report.unfreeze,
+        lr_scale,
+        None,
+        None,
+        steps_per_epoch,
+        datasets,  # type: ignore[arg-type]
+        *loaders,
+    )
     if lr == "auto":
         built = _with_range_test_lr(built)
-    return with_optimizer(built, 1.0 if built.recipe.optimizer.lr == "auto"
-                          else float(built.recipe.optimizer.lr))
+    return with_optimizer(
+        built, 1.0 if built.recipe.optimizer.lr == "auto" else float(built.recipe.optimizer.lr)
+    )
 
 
 def with_optimizer(built: Built, lr: float) -> Built:
@@ -154,13 +188,23 @@ def with_optimizer(built: Built, lr: float) -> Built:
     recipe = built.recipe
     opt = recipe.optimizer.model_copy(update={"lr": lr})
     recipe = recipe.model_copy(update={"optimizer": opt})
-    groups = training_groups(built.network.model, lr=lr, weight_decay=opt.weight_decay,
-                             rules=opt.param_groups, no_decay=opt.no_decay,
-                             layer_decay=opt.layer_decay, unfreeze=built.unfreeze)
+    groups = training_groups(
+        built.network.model,
+        lr=lr,
+        weight_decay=opt.weight_decay,
+        rules=opt.param_groups,
+        no_decay=opt.no_decay,
+        layer_decay=opt.layer_decay,
+        unfreeze=built.unfreeze,
+    )
     optimizer = build_optimizer(groups, lr_scale=built.lr_scale, **optimizer_arguments(opt))
-    schedule = build_scheduler(optimizer, epochs=recipe.train.epochs,
-                               steps_per_epoch=built.steps_per_epoch, lr_scale=built.lr_scale,
-                               **dict(recipe.scheduler))
+    schedule = build_scheduler(
+        optimizer,
+        epochs=recipe.train.epochs,
+        steps_per_epoch=built.steps_per_epoch,
+        lr_scale=built.lr_scale,
+        **dict(recipe.scheduler),
+    )
     return replace(built, recipe=recipe, groups=groups, optimizer=optimizer, schedule=schedule)
 
 
@@ -170,36 +214,56 @@ def range_test(built: Built, **settings: Any) -> LRFinderResult:
     if built.train_loader is None:
         raise UserError("lr-find: the range test needs the data; build with data=True")
     train = built.recipe.train
-    return lr_range_test(built.model, built.optimizer, built.train_loader, built.runtime,
-                         reference_lr=float(built.recipe.optimizer.lr),
-                         grad_accum_steps=train.grad_accum_steps,
-                         clip_grad_norm=train.clip_grad_norm,
-                         label_smoothing=train.label_smoothing, **settings)
+    return lr_range_test(
+        built.model,
+        built.optimizer,
+        built.train_loader,
+        built.runtime,
+        reference_lr=float(built.recipe.optimizer.lr),
+        grad_accum_steps=train.grad_accum_steps,
+        clip_grad_norm=train.clip_grad_norm,
+        label_smoothing=train.label_smoothing,
+        **settings,
+    )
 
 
 def _with_range_test_lr(built: Built) -> Built:
     """``optimizer.lr: auto``: the range test at a reference LR of 1, then rank 0's suggestion,
     rounded to three digits for the run's ``recipe.yaml``."""
-    result = range_test(with_optimizer(built, 1.0), start_lr=lr_find.START_LR,
-                        end_lr=lr_find.END_LR, steps=lr_find.STEPS)
+    result = range_test(
+        with_optimizer(built, 1.0),
+        start_lr=lr_find.START_LR,
+        end_lr=lr_find.END_LR,
+        steps=lr_find.STEPS,
+    )
     lr = float(f"{result.suggestion:.3g}")
     lr = float(built.runtime.broadcast(lr))  # every process trains with rank 0's choice
     return replace(with_optimizer(built, lr), lr_found=result)
 
 
-def _loaders(recipe: Recipe, runtime: Runtime, datasets: Datasets
-             ) -> tuple[DataLoader, DataLoader]:
+def _loaders(recipe: Recipe, runtime: Runtime, datasets: Datasets) -> tuple[DataLoader, DataLoader]:
     """Training loader (shuffled per epoch, sharded over processes) and evaluation loader."""
     data = recipe.data
-    sampler = build_train_sampler(data.sampler, datasets.train.targets, seed=recipe.seed,
-                                  batch_size=data.batch_size, rank=runtime.rank,
-                                  world_size=runtime.world_size)
+    sampler = build_train_sampler(
+        data.sampler,
+        datasets.train.targets,
+        seed=recipe.seed,
+        batch_size=data.batch_size,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
     train = build_loader(
-        datasets.train, batch_size=data.batch_size, train=True, sampler=sampler,
-        seed=recipe.seed + runtime.rank, num_workers=resolve_num_workers(data.num_workers),
-        pin_memory=runtime.pin_memory, persistent_workers=data.persistent_workers,
+        datasets.train,
+        batch_size=data.batch_size,
+        train=True,
+        sampler=sampler,
+        seed=recipe.seed + runtime.rank,
+        num_workers=resolve_num_workers(data.num_workers),
+        pin_memory=runtime.pin_memory,
+        persistent_workers=data.persistent_workers,
         prefetch_factor=data.prefetch_factor,
-        collate_fn=build_batch_transform(data.augment, len(datasets.classes)))
+        collate_fn=build_batch_transform(data.augment, len(datasets.classes)),
+    )
     val = eval_loader(data, runtime, datasets.val)
     return train, val
 

@@ -36,8 +36,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 
 
 @app.callback()
-def _options(debug: Annotated[bool, typer.Option(help="Show tracebacks for every error.")] = False
-             ) -> None:
+def _options(
+    debug: Annotated[bool, typer.Option(help="Show tracebacks for every error.")] = False,
+) -> None:
     global _debug
     _debug = debug
 
@@ -91,11 +92,18 @@ def run(
     recipe: RecipeArg,
     set_: SetOpt = None,
     run_dir: Annotated[Path | None, typer.Option(help="Write the run here.")] = None,
-    resume: Annotated[str | None, typer.Option(
-        help="Continue a run from its last/ checkpoint: a run folder, or with no value the "
-             "recipe's latest run.", show_default=False)] = None,
-    nproc: Annotated[int, typer.Option(
-        min=1, help="Train with N processes (one per GPU) under torchrun, with DDP.")] = 1,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue a run from its last/ checkpoint: a run folder, or with no value the "
+            "recipe's latest run.",
+            show_default=False,
+        ),
+    ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(min=1, help="Train with N processes (one per GPU) under torchrun, with DDP."),
+    ] = 1,
 ) -> None:
     """Validate, build, train, evaluate and checkpoint. The last line printed is the run folder."""
     loaded = _load_recipe(recipe, set_)
@@ -113,8 +121,11 @@ def run(
     try:
         result = run_training(loaded, run_dir=run_dir, resume=resume_dir, console=console)
     except KeyboardInterrupt:
-        errors.print("interrupted: the last completed epoch is in last/; continue with "
-                     f"`finetune run {recipe} --resume <run folder>`", markup=False)
+        errors.print(
+            "interrupted: the last completed epoch is in last/; continue with "
+            f"`finetune run {recipe} --resume <run folder>`",
+            markup=False,
+        )
         raise
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
@@ -140,8 +151,10 @@ def _argv_without_nproc(argv: list[str]) -> list[str]:
 @app.command("eval")
 @handles_errors
 def eval_(
-    source: Annotated[Path, typer.Argument(
-        help="A run folder, a checkpoint inside one, or an export folder or file.")],
+    source: Annotated[
+        Path,
+        typer.Argument(help="A run folder, a checkpoint inside one, or an export folder or file."),
+    ],
     data: Annotated[Path, typer.Argument(help="An image folder with one sub-folder per class.")],
     json_: JsonOpt = False,
 ) -> None:
@@ -165,8 +178,10 @@ def eval_(
 @app.command()
 @handles_errors
 def predict(
-    source: Annotated[Path, typer.Argument(
-        help="A run folder, a checkpoint inside one, or an export folder or file.")],
+    source: Annotated[
+        Path,
+        typer.Argument(help="A run folder, a checkpoint inside one, or an export folder or file."),
+    ],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
     json_: JsonOpt = False,
@@ -186,21 +201,39 @@ def predict(
 @app.command()
 @handles_errors
 def export(
-    source: Annotated[Path, typer.Argument(
-        help="A run folder (its best/ weights) or a checkpoint inside one.")],
-    fuse_bn: Annotated[bool | None, typer.Option(
-        "--fuse-bn/--no-fuse-bn", help="Fold BatchNorm into the conv or linear layer before it "
-                                       "(default: the recipe's export.fuse_bn, true).",
-        show_default=False)] = None,
-    format_: Annotated[list[str] | None, typer.Option(
-        "--format", help="safetensors, torchscript, onnx or pt2; repeat or comma-separate "
-                         "(default: the recipe's export.formats, safetensors,torchscript).",
-        show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="The export folder (default: <run folder>/export).", show_default=False)] = None,
-    tolerance: Annotated[float | None, typer.Option(
-        min=0.0, help="Largest accepted logit difference, relative to the largest |logit| "
-                      "(default: the recipe's export.tolerance, 1e-4).", show_default=False)
+    source: Annotated[
+        Path, typer.Argument(help="A run folder (its best/ weights) or a checkpoint inside one.")
+    ],
+    fuse_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--fuse-bn/--no-fuse-bn",
+            help="Fold BatchNorm into the conv or linear layer before it "
+            "(default: the recipe's export.fuse_bn, true).",
+            show_default=False,
+        ),
+    ] = None,
+    format_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            help="safetensors, torchscript, onnx or pt2; repeat or comma-separate "
+            "(default: the recipe's export.formats, safetensors,torchscript).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The export folder (default: <run folder>/export).", show_default=False),
+    ] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Largest accepted logit difference, relative to the largest |logit| "
+            "(default: the recipe's export.tolerance, 1e-4).",
+            show_default=False,
+        ),
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -216,13 +249,17 @@ def export(
         console.print_json(json.dumps(info))
         return
     batchnorm, params = info["batchnorm"], info["parameters"]
-    console.print(f"BatchNorm folded {len(batchnorm['folded'])}, remaining "
-                  f"{len(batchnorm['remaining'])}; parameters {params['before']:,} -> "
-                  f"{params['after']:,}")
+    console.print(
+        f"BatchNorm folded {len(batchnorm['folded'])}, remaining "
+        f"{len(batchnorm['remaining'])}; parameters {params['before']:,} -> "
+        f"{params['after']:,}"
+    )
     for name, check in info["verification"]["results"].items():
-        line = check.get("skipped") or (f"max abs diff {check['max_abs_diff']:.2e}, relative "
-                                        f"{check['max_rel_diff']:.2e}, top-1 agreement "
-                                        f"{check['top1_agreement']:.0%}")
+        line = check.get("skipped") or (
+            f"max abs diff {check['max_abs_diff']:.2e}, relative "
+            f"{check['max_rel_diff']:.2e}, top-1 agreement "
+            f"{check['top1_agreement']:.0%}"
+        )
         console.print(f"{name:12s} {line}", markup=False)
     console.print(str(result.out), markup=False)
 
@@ -233,11 +270,17 @@ def plan(
     recipe: RecipeArg,
     set_: SetOpt = None,
     json_: JsonOpt = False,
-    steps_per_epoch: Annotated[int, typer.Option(
-        min=1, help="Optimizer steps per epoch for the LR preview (the plan reads no data, so "
-                    "by default an epoch counts as one step).")] = 1,
-    lr_plot: Annotated[Path | None, typer.Option(
-        help="Also write the LR of every group over the run to this PNG.")] = None,
+    steps_per_epoch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Optimizer steps per epoch for the LR preview (the plan reads no data, so "
+            "by default an epoch counts as one step).",
+        ),
+    ] = 1,
+    lr_plot: Annotated[
+        Path | None, typer.Option(help="Also write the LR of every group over the run to this PNG.")
+    ] = None,
 ) -> None:
     """Build the model with its weights (no data, no training) and show the load report,
     parameter groups, frozen and trainable counts, BatchNorm policy, unfreeze schedule and the
@@ -260,11 +303,18 @@ def plan(
 @app.command()
 @handles_errors
 def stats(
-    data: Annotated[Path, typer.Argument(
-        help="An image folder (one sub-folder per class) or a CSV/JSONL manifest.")],
-    workers: Annotated[int | None, typer.Option(
-        min=0, help="Processes that decode images (default: one per spare core).",
-        show_default=False)] = None,
+    data: Annotated[
+        Path,
+        typer.Argument(help="An image folder (one sub-folder per class) or a CSV/JSONL manifest."),
+    ],
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Processes that decode images (default: one per spare core).",
+            show_default=False,
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Per-channel mean and std, images per class and image sizes of a dataset.
@@ -276,16 +326,19 @@ def stats(
     from finetune.sources import open_path
     from finetune.stats import image_statistics
 
-    result = image_statistics(open_path(data), num_workers=resolve_num_workers(
-        "auto" if workers is None else workers))
+    result = image_statistics(
+        open_path(data), num_workers=resolve_num_workers("auto" if workers is None else workers)
+    )
     if json_:
         console.print_json(json.dumps(result.to_dict()))
         return
     from rich.table import Table
 
-    console.print(f"{result.images} images in {len(result.per_class)} classes, "
-                  f"{result.width[0]}-{result.width[1]} x {result.height[0]}-{result.height[1]} "
-                  "px (width x height)")
+    console.print(
+        f"{result.images} images in {len(result.per_class)} classes, "
+        f"{result.width[0]}-{result.width[1]} x {result.height[0]}-{result.height[1]} "
+        "px (width x height)"
+    )
     table = Table("", "R", "G", "B")
     for name, values in (("mean", result.mean), ("std", result.std)):
         table.add_row(name, *(f"{v:.4f}" for v in values))
@@ -308,12 +361,21 @@ def lr_find(
     start_lr: Annotated[float, typer.Option(min=0, help="The first LR of the ramp.")] = 1e-7,
     end_lr: Annotated[float, typer.Option(min=0, help="The last LR of the ramp.")] = 10.0,
     steps: Annotated[int, typer.Option(min=2, help="Optimizer steps, one per LR.")] = 100,
-    rule: Annotated[str, typer.Option(
-        help="steepest: where the smoothed loss falls fastest; min10: a tenth of the LR with "
-             "the lowest loss.")] = "steepest",
-    out: Annotated[Path | None, typer.Option(
-        help="Where to write lr_find.png and lr_find.json (default: <output.dir>/<name>/"
-             "lr-find).", show_default=False)] = None,
+    rule: Annotated[
+        str,
+        typer.Option(
+            help="steepest: where the smoothed loss falls fastest; min10: a tenth of the LR with "
+            "the lowest loss."
+        ),
+    ] = "steepest",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write lr_find.png and lr_find.json (default: <output.dir>/<name>/"
+            "lr-find).",
+            show_default=False,
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """LR range test: train STEPS steps at exponentially rising LRs, stop when the loss
@@ -324,13 +386,22 @@ def lr_find(
 
     check_range(start_lr, end_lr, steps, rule)  # before anything is built
     if loaded.optimizer.lr == "auto":  # any LR will do: the ramp sets them all, relative to it
-        loaded = loaded.model_copy(update={"optimizer": loaded.optimizer.model_copy(
-            update={"lr": 1.0})})
+        loaded = loaded.model_copy(
+            update={"optimizer": loaded.optimizer.model_copy(update={"lr": 1.0})}
+        )
     result = range_test(build(loaded), start_lr=start_lr, end_lr=end_lr, steps=steps, rule=rule)
     folder = result.save(out or loaded.output.dir / loaded.name / "lr-find")
     if json_:
-        console.print_json(json.dumps({"suggestion": result.suggestion, "rule": result.rule,
-                                       "group_lrs": result.group_lrs, "out": str(folder)}))
+        console.print_json(
+            json.dumps(
+                {
+                    "suggestion": result.suggestion,
+                    "rule": result.rule,
+                    "group_lrs": result.group_lrs,
+                    "out": str(folder),
+                }
+            )
+        )
         return
     console.print(result.describe(), markup=False)
     for name, lr in result.group_lrs.items():

@@ -29,9 +29,20 @@ from finetune.sources import ImageSource, open_source
 from finetune.stats import Normalization, normalization, resolve_normalization
 
 # Also importable from here, where they lived before (finetune.export and older user code).
-__all__ = ["Datasets", "Split", "build_datasets", "build_loader", "build_train_sampler",
-           "build_transforms", "class_weights", "load_rgb", "normalization", "resolve_num_workers",
-           "skipped_images", "stratified_split"]
+__all__ = [
+    "Datasets",
+    "Split",
+    "build_datasets",
+    "build_loader",
+    "build_train_sampler",
+    "build_transforms",
+    "class_weights",
+    "load_rgb",
+    "normalization",
+    "resolve_num_workers",
+    "skipped_images",
+    "stratified_split",
+]
 
 
 class Split(Dataset):
@@ -42,9 +53,13 @@ class Split(Dataset):
     warned about. With ``"error"`` it raises, naming the file.
     """
 
-    def __init__(self, source: ImageSource, indices: Sequence[int] | None = None,
-                 transform: Callable[[Any], Any] | None = None, on_bad_image: str = "error"
-                 ) -> None:
+    def __init__(
+        self,
+        source: ImageSource,
+        indices: Sequence[int] | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        on_bad_image: str = "error",
+    ) -> None:
         self.source = source
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self.transform = transform
@@ -68,8 +83,9 @@ class Split(Dataset):
                 image, label = self.source[self.indices[(index + step) % len(self)]]
             except BadImageError as error:
                 if self.on_bad_image == "error":
-                    raise BadImageError(f"{error}; fix or remove the file, or set "
-                                        "data.on_bad_image: skip") from None
+                    raise BadImageError(
+                        f"{error}; fix or remove the file, or set data.on_bad_image: skip"
+                    ) from None
                 with self._skipped.get_lock():
                     self._skipped.value += 1
                 warnings.warn(f"skipped: {error}", stacklevel=2)
@@ -98,8 +114,13 @@ class Datasets:
     test: Split | None = None
 
 
-def build_datasets(data: DataConfig, *, seed: int, pretrained_cfg: dict[str, Any] | None = None,
-                   num_classes: int | None = None) -> Datasets:
+def build_datasets(
+    data: DataConfig,
+    *,
+    seed: int,
+    pretrained_cfg: dict[str, Any] | None = None,
+    num_classes: int | None = None,
+) -> Datasets:
     """Open, check and split the sources; resolve the normalisation; attach the transforms.
 
     Args:
@@ -114,36 +135,60 @@ def build_datasets(data: DataConfig, *, seed: int, pretrained_cfg: dict[str, Any
             ``num_classes``.
     """
     size = data.image_size
-    train_source = open_source(data.train, key="data.train", image_size=size,
-                               num_classes=num_classes)
+    train_source = open_source(
+        data.train, key="data.train", image_size=size, num_classes=num_classes
+    )
     classes = list(train_source.classes)
     _check_classes(classes, num_classes, _where("data.train", train_source))
     if data.val is not None:
-        val_source = open_source(data.val, key="data.val", image_size=size,
-                                 num_classes=len(classes))
-        _check_same_classes(classes, list(val_source.classes), _where("data.train", train_source),
-                            _where("data.val", val_source))
+        val_source = open_source(
+            data.val, key="data.val", image_size=size, num_classes=len(classes)
+        )
+        _check_same_classes(
+            classes,
+            list(val_source.classes),
+            _where("data.train", train_source),
+            _where("data.val", val_source),
+        )
         train_idx, val_idx = None, None
     else:
         val_source = train_source
         train_idx, val_idx = stratified_split(train_source.targets, data.val_split, seed)
         if not val_idx:
-            raise UserError(f"data.val_split: {_where('data.train', train_source)} has too few "
-                            "images per class to hold any out for validation")
-    norm = resolve_normalization(data, pretrained_cfg or {}, train=train_source, indices=train_idx,
-                                 num_workers=resolve_num_workers(data.num_workers))
-    train = Split(train_source, train_idx, build_transforms(data, norm.mean, norm.std, True),
-                  data.on_bad_image)
-    val = Split(val_source, val_idx, build_transforms(data, norm.mean, norm.std, False),
-                data.on_bad_image)
+            raise UserError(
+                f"data.val_split: {_where('data.train', train_source)} has too few "
+                "images per class to hold any out for validation"
+            )
+    norm = resolve_normalization(
+        data,
+        pretrained_cfg or {},
+        train=train_source,
+        indices=train_idx,
+        num_workers=resolve_num_workers(data.num_workers),
+    )
+    train = Split(
+        train_source,
+        train_idx,
+        build_transforms(data, norm.mean, norm.std, True),
+        data.on_bad_image,
+    )
+    val = Split(
+        val_source, val_idx, build_transforms(data, norm.mean, norm.std, False), data.on_bad_image
+    )
     test = None
     if data.test is not None:
-        test_source = open_source(data.test, key="data.test", image_size=size,
-                                  num_classes=len(classes))
-        _check_same_classes(classes, list(test_source.classes), _where("data.train", train_source),
-                            _where("data.test", test_source))
-        test = Split(test_source, None, build_transforms(data, norm.mean, norm.std, False),
-                     data.on_bad_image)
+        test_source = open_source(
+            data.test, key="data.test", image_size=size, num_classes=len(classes)
+        )
+        _check_same_classes(
+            classes,
+            list(test_source.classes),
+            _where("data.train", train_source),
+            _where("data.test", test_source),
+        )
+        test = Split(
+            test_source, None, build_transforms(data, norm.mean, norm.std, False), data.on_bad_image
+        )
     for key, split in (("data.train", train), ("data.val", val), ("data.test", test)):
         if split is not None and len(split) == 0:
             raise UserError(f"{_where(key, split.source)}: the dataset is empty")
@@ -158,20 +203,25 @@ def _where(key: str, source: ImageSource) -> str:
 
 def _check_classes(classes: list[str], num_classes: int | None, where: str) -> None:
     if len(classes) < 2:
-        raise UserError(f"{where}: found {len(classes)} class ({', '.join(classes)}); training "
-                        "needs at least two")
+        raise UserError(
+            f"{where}: found {len(classes)} class ({', '.join(classes)}); training "
+            "needs at least two"
+        )
     if num_classes is not None and num_classes != len(classes):
-        raise UserError(f"model.num_classes is {num_classes} but {where} has {len(classes)} "
-                        f"classes: {classes}")
+        raise UserError(
+            f"model.num_classes is {num_classes} but {where} has {len(classes)} classes: {classes}"
+        )
 
 
-def _check_same_classes(train: list[str], val: list[str], train_where: str, val_where: str
-                        ) -> None:
+def _check_same_classes(train: list[str], val: list[str], train_where: str, val_where: str) -> None:
     if val == train:
         return
     missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-    detail = (f"missing {missing}, extra {extra}" if missing or extra
-              else f"in another order: {val} vs {train}")
+    detail = (
+        f"missing {missing}, extra {extra}"
+        if missing or extra
+        else f"in another order: {val} vs {train}"
+    )
     raise UserError(f"{val_where}: its classes differ from {train_where}'s: {detail}")
 
 
@@ -196,10 +246,19 @@ def resolve_num_workers(num_workers: int | str) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def build_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int,
-                 pin_memory: bool, sampler: Sampler | None = None, seed: int | None = None,
-                 collate_fn: Callable[[list], Any] | None = None, persistent_workers: bool = True,
-                 prefetch_factor: int | None = None) -> DataLoader:
+def build_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    num_workers: int,
+    pin_memory: bool,
+    sampler: Sampler | None = None,
+    seed: int | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
+    persistent_workers: bool = True,
+    prefetch_factor: int | None = None,
+) -> DataLoader:
     """A loader. For training it drops the last incomplete batch so that every optimizer step
     sees the same batch size, unless this process's share holds one batch or less (and it
     shuffles, when no ``sampler`` is given).
@@ -233,10 +292,18 @@ class BalancedSampler(ShuffleShardSampler):
     likely (``WeightedRandomSampler`` seeded with ``seed + epoch``), and deals them out to the
     processes as ``ShuffleShardSampler`` does. Call ``set_epoch`` before iterating."""
 
-    def __init__(self, labels: Sequence[int], *, seed: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        super().__init__(len(labels), seed=seed, batch_size=batch_size, rank=rank,
-                         world_size=world_size)
+    def __init__(
+        self,
+        labels: Sequence[int],
+        *,
+        seed: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(
+            len(labels), seed=seed, batch_size=batch_size, rank=rank, world_size=world_size
+        )
         counts = np.bincount(labels)
         self.weights = torch.as_tensor(1.0 / counts[list(labels)], dtype=torch.float64)
 
@@ -244,8 +311,15 @@ class BalancedSampler(ShuffleShardSampler):
         return list(WeightedRandomSampler(self.weights, self.length, generator=generator))
 
 
-def build_train_sampler(kind: str, labels: Sequence[int], *, seed: int, batch_size: int,
-                        rank: int = 0, world_size: int = 1) -> Sampler[int]:
+def build_train_sampler(
+    kind: str,
+    labels: Sequence[int],
+    *,
+    seed: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Sampler[int]:
     """``shuffle``: a fresh seeded permutation each epoch; ``balanced``: classes drawn equally."""
     shards = {"seed": seed, "batch_size": batch_size, "rank": rank, "world_size": world_size}
     if kind == "balanced":
@@ -253,8 +327,9 @@ def build_train_sampler(kind: str, labels: Sequence[int], *, seed: int, batch_si
     return ShuffleShardSampler(len(labels), **shards)
 
 
-def class_weights(choice: str | list[float], labels: Sequence[int], num_classes: int
-                  ) -> torch.Tensor | None:
+def class_weights(
+    choice: str | list[float], labels: Sequence[int], num_classes: int
+) -> torch.Tensor | None:
     """Loss weight per class: ``balanced`` is ``n / (classes x n_class)`` (scikit-learn's rule),
     a list is taken as given, ``none`` is ``None``."""
     if choice == "none":
@@ -270,6 +345,8 @@ def class_weights(choice: str | list[float], labels: Sequence[int], num_classes:
 def skipped_images(**loaders: DataLoader) -> dict[str, int]:
     """``{"<name>/skipped_images": n}``: unreadable images each loader skipped since the last
     call; empty unless ``data.on_bad_image`` is ``skip``. Counts are per process."""
-    return {f"{name}/skipped_images": loader.dataset.take_skipped()
-            for name, loader in loaders.items()
-            if isinstance(loader.dataset, Split) and loader.dataset.on_bad_image == "skip"}
+    return {
+        f"{name}/skipped_images": loader.dataset.take_skipped()
+        for name, loader in loaders.items()
+        if isinstance(loader.dataset, Split) and loader.dataset.on_bad_image == "skip"
+    }

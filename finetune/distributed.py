@@ -27,8 +27,16 @@ def is_torchrun_child() -> bool:
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``python -m finetune ARGV`` in ``nproc`` processes under torchrun; its exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "finetune", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "finetune",
+        *argv,
+    ]
     return subprocess.call(command)
 
 
@@ -39,8 +47,11 @@ def init_process_group(device: torch.device) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend=backend,
+        timeout=PROCESS_GROUP_TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )
 
 
 class ShuffleShardSampler(Sampler[int]):
@@ -52,8 +63,9 @@ class ShuffleShardSampler(Sampler[int]):
     ``set_epoch`` before iterating.
     """
 
-    def __init__(self, length: int, *, seed: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self, length: int, *, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
         global_batch = batch_size * world_size
         usable = length - length % global_batch if length > global_batch else length
@@ -69,7 +81,7 @@ class ShuffleShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self.epoch_order(torch.Generator().manual_seed(self.seed + self.epoch))
-        return iter(order[self.rank::self.world_size][:self.per_rank])
+        return iter(order[self.rank :: self.world_size][: self.per_rank])
 
     def __len__(self) -> int:
         return self.per_rank

@@ -54,13 +54,16 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str
     """
     reference, candidate = reference.detach().float().cpu(), candidate.detach().float().cpu()
     if reference.shape != candidate.shape:
-        raise ExportVerificationError(f"output shape {tuple(candidate.shape)}, expected "
-                                      f"{tuple(reference.shape)}")
+        raise ExportVerificationError(
+            f"output shape {tuple(candidate.shape)}, expected {tuple(reference.shape)}"
+        )
     max_abs = (reference - candidate).abs().max().item()
     scale = reference.abs().max().item()
-    return {"max_abs_diff": max_abs,
-            "max_rel_diff": max_abs / scale if scale > 0 else float(max_abs > 0),
-            "top1_agreement": (reference.argmax(1) == candidate.argmax(1)).float().mean().item()}
+    return {
+        "max_abs_diff": max_abs,
+        "max_rel_diff": max_abs / scale if scale > 0 else float(max_abs > 0),
+        "top1_agreement": (reference.argmax(1) == candidate.argmax(1)).float().mean().item(),
+    }
 
 
 def _run_artefact(fmt: str, path: Path, batch: torch.Tensor) -> torch.Tensor | None:
@@ -82,22 +85,30 @@ def _run_artefact(fmt: str, path: Path, batch: torch.Tensor) -> torch.Tensor | N
     return torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
 
 
-def _verify(original: nn.Module, fused: nn.Module, files: dict[str, Path], batch: torch.Tensor,
-            tolerance: float) -> dict[str, Any]:
+def _verify(
+    original: nn.Module,
+    fused: nn.Module,
+    files: dict[str, Path],
+    batch: torch.Tensor,
+    tolerance: float,
+) -> dict[str, Any]:
     """The fused model and each written file against the original, on ``batch``."""
     with torch.no_grad():
         reference = original(batch)
         outputs = {"fused": fused(batch)} if fused is not original else {}
     outputs.update({fmt: _run_artefact(fmt, path, batch) for fmt, path in files.items()})
     results = {name: _check(reference, logits, tolerance) for name, logits in outputs.items()}
-    return {"batch": {"size": len(batch), "input": "normal(0, 1) images, seed 0"},
-            "tolerance": tolerance,
-            "passed": all(r.get("passed", True) for r in results.values()),
-            "results": results}
+    return {
+        "batch": {"size": len(batch), "input": "normal(0, 1) images, seed 0"},
+        "tolerance": tolerance,
+        "passed": all(r.get("passed", True) for r in results.values()),
+        "results": results,
+    }
 
 
-def _check(reference: torch.Tensor, logits: torch.Tensor | None, tolerance: float
-           ) -> dict[str, Any]:
+def _check(
+    reference: torch.Tensor, logits: torch.Tensor | None, tolerance: float
+) -> dict[str, Any]:
     if logits is None:
         return {"skipped": "onnxruntime is not installed: written, not run"}
     result: dict[str, Any] = compare_logits(reference, logits)
@@ -110,11 +121,15 @@ def parse_formats(values: list[str]) -> list[str]:
     formats = [f.strip().lower() for v in values for f in v.split(",") if f.strip()]
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:
-        raise UserError(f"--format: unknown format {', '.join(map(repr, unknown)) or '(none)'}; "
-                        f"valid formats: {', '.join(EXPORT_FORMATS)}")
+        raise UserError(
+            f"--format: unknown format {', '.join(map(repr, unknown)) or '(none)'}; "
+            f"valid formats: {', '.join(EXPORT_FORMATS)}"
+        )
     if "onnx" in formats and not _installed("onnx"):
-        raise UserError("--format onnx needs the onnx package: pip install onnx onnxruntime "
-                        "(onnxruntime runs the parity check)")
+        raise UserError(
+            "--format onnx needs the onnx package: pip install onnx onnxruntime "
+            "(onnxruntime runs the parity check)"
+        )
     return list(dict.fromkeys(formats))
 
 
@@ -139,8 +154,9 @@ def _save(fmt: str, model: nn.Module, path: Path, example: torch.Tensor, card: s
             traced = torch.jit.trace(model, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={CARD_FILE: card})
         elif fmt == "pt2":
-            program = torch.export.export(model, (example,),
-                                          dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            program = torch.export.export(
+                model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+            )
             torch.export.save(program, str(path), extra_files={CARD_FILE: card})
         else:
             _save_onnx(model, path, example, card)
@@ -150,9 +166,15 @@ def _save_onnx(model: nn.Module, path: Path, example: torch.Tensor, card: str) -
     import onnx
 
     # The TorchScript-based exporter needs only `onnx`; the dynamo one also needs onnxscript.
-    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"],
-                      output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+    )
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {CARD_KEY: card})
     onnx.save(proto, str(path))
@@ -167,9 +189,14 @@ class ExportResult:
     info: dict[str, Any]
 
 
-def export_run(source: str | Path, *, out: str | Path | None = None,
-               formats: list[str] | None = None, fuse_bn: bool | None = None,
-               tolerance: float | None = None) -> ExportResult:
+def export_run(
+    source: str | Path,
+    *,
+    out: str | Path | None = None,
+    formats: list[str] | None = None,
+    fuse_bn: bool | None = None,
+    tolerance: float | None = None,
+) -> ExportResult:
     """Export a run's model (``best/`` unless ``source`` names a checkpoint) and verify it.
 
     ``formats``, ``fuse_bn`` and ``tolerance`` left as None take the run recipe's ``export:``
@@ -213,15 +240,23 @@ def export_run(source: str | Path, *, out: str | Path | None = None,
     return ExportResult(out, info)
 
 
-def _write_export(trained: TrainedModel, folder: Path, formats: list[str], fuse: bool,
-                  tolerance: float) -> dict[str, Any]:
+def _write_export(
+    trained: TrainedModel, folder: Path, formats: list[str], fuse: bool, tolerance: float
+) -> dict[str, Any]:
     """Fuse, write each format and the recipe into ``folder``, verify; the export.json content."""
     original = trained.model.eval()
     size = trained.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    model, report = (fuse_bn_with_report(original, example_input=example) if fuse else
-                     (original, FuseReport(params_before=_count_parameters(original),
-                                           params_after=_count_parameters(original))))
+    model, report = (
+        fuse_bn_with_report(original, example_input=example)
+        if fuse
+        else (
+            original,
+            FuseReport(
+                params_before=_count_parameters(original), params_after=_count_parameters(original)
+            ),
+        )
+    )
     card = model_card(trained, fused=fuse, folded=report.folded)
     files = {fmt: folder / FILES[fmt] for fmt in formats}
     for fmt, path in files.items():
@@ -231,22 +266,34 @@ def _write_export(trained: TrainedModel, folder: Path, formats: list[str], fuse:
             raise RuntimeError(f"{fmt}: could not export the model: {error}") from error
     (folder / "recipe.yaml").write_text(card["recipe"])
     batch = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return {**{key: value for key, value in card.items() if key not in ("recipe", "folded")},
-            "formats": {fmt: FILES[fmt] for fmt in formats},
-            "batchnorm": {"folded": report.folded, "remaining": report.remaining},
-            "parameters": {"before": report.params_before, "after": report.params_after},
-            "verification": _verify(original, model, files, batch, tolerance)}
+    return {
+        **{key: value for key, value in card.items() if key not in ("recipe", "folded")},
+        "formats": {fmt: FILES[fmt] for fmt in formats},
+        "batchnorm": {"folded": report.folded, "remaining": report.remaining},
+        "parameters": {"before": report.params_before, "after": report.params_after},
+        "verification": _verify(original, model, files, batch, tolerance),
+    }
 
 
-def model_card(trained: TrainedModel, *, fused: bool, folded: list[dict[str, str]]
-               ) -> dict[str, Any]:
+def model_card(
+    trained: TrainedModel, *, fused: bool, folded: list[dict[str, str]]
+) -> dict[str, Any]:
     """Everything needed to rebuild and use the model: stored inside every exported file."""
     recipe = trained.recipe
     mean, std, size = trained.mean, trained.std, trained.image_size
-    return {"format_version": 1, "backbone": recipe.model.backbone,
-            "num_classes": len(trained.classes), "head": recipe.model.head.model_dump(mode="json"),
-            "classes": trained.classes, "input_size": [3, size, size], "mean": mean, "std": std,
-            "fused": fused, "folded": folded, "recipe": recipe.to_yaml()}
+    return {
+        "format_version": 1,
+        "backbone": recipe.model.backbone,
+        "num_classes": len(trained.classes),
+        "head": recipe.model.head.model_dump(mode="json"),
+        "classes": trained.classes,
+        "input_size": [3, size, size],
+        "mean": mean,
+        "std": std,
+        "fused": fused,
+        "folded": folded,
+        "recipe": recipe.to_yaml(),
+    }
 
 
 def _staging_folder(out: Path) -> Path:
@@ -258,8 +305,7 @@ def _staging_folder(out: Path) -> Path:
         raise UserError(f"--out: {out} is neither empty nor an export folder; choose another")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
-                                        dir=out.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     except OSError as error:
         raise UserError(f"--out: cannot write to {out}: {error}") from None
     umask = os.umask(0o022)
@@ -286,7 +332,12 @@ def _keep_failed(staging: Path, out: Path) -> Path:
 
 
 def _failure_message(verification: dict[str, Any], failed: Path) -> str:
-    worst = [f"{name} differs by {r['max_rel_diff']:.2e} of the logit scale"
-             for name, r in verification["results"].items() if r.get("passed") is False]
-    return (f"verification failed: {'; '.join(worst)} (tolerance "
-            f"{verification['tolerance']:.1e}); files kept in {failed}")
+    worst = [
+        f"{name} differs by {r['max_rel_diff']:.2e} of the logit scale"
+        for name, r in verification["results"].items()
+        if r.get("passed") is False
+    ]
+    return (
+        f"verification failed: {'; '.join(worst)} (tolerance "
+        f"{verification['tolerance']:.1e}); files kept in {failed}"
+    )

@@ -84,15 +84,20 @@ def freeze(
     if batchnorm not in {"train", "frozen"}:
         raise UserError(f"freeze.batchnorm: expected train or frozen, got {batchnorm!r}")
     patterns = list(patterns)
-    unfreeze = [as_section(UnfreezeStep, step, f"freeze.unfreeze.{index}")
-                for index, step in enumerate(unfreeze)]
+    unfreeze = [
+        as_section(UnfreezeStep, step, f"freeze.unfreeze.{index}")
+        for index, step in enumerate(unfreeze)
+    ]
     names = [name for name, _ in model.named_parameters()]
     _check_patterns("freeze.patterns", patterns, names)
     to_freeze = {name for name in names if matches_any(name, patterns)}
     if until is not None:
         to_freeze |= set(parameters_before(model, until))
-    frozen = [name for name, param in model.named_parameters()
-              if name in to_freeze or not param.requires_grad]
+    frozen = [
+        name
+        for name, param in model.named_parameters()
+        if name in to_freeze or not param.requires_grad
+    ]
     scheduled = schedule_unfreeze(frozen, unfreeze)  # checked before the model is changed
     for name, param in model.named_parameters():
         if name in to_freeze:
@@ -124,8 +129,11 @@ def stage_names(model: nn.Module) -> list[str]:
     accepts its top-level children (torchvision's ``conv1``, ``layer1``, ..., ``fc``).
     """
     position = {name: index for index, (name, _) in enumerate(model.named_modules())}
-    stages = [info.get("module") for info in getattr(model, "feature_info", None) or []
-              if isinstance(info, dict)]
+    stages = [
+        info.get("module")
+        for info in getattr(model, "feature_info", None) or []
+        if isinstance(info, dict)
+    ]
     stages += [name for name, _ in model.named_children()]
     return sorted({name for name in stages if name in position}, key=position.__getitem__)
 
@@ -134,8 +142,9 @@ def parameters_before(model: nn.Module, until: str) -> list[str]:
     """Names of the parameters registered before the module ``until`` (which must be a stage)."""
     valid = stage_names(model)
     if until not in valid:
-        raise UserError(f"freeze.until: {until!r} is not a stage of this model; stages: "
-                        f"{', '.join(valid)}")
+        raise UserError(
+            f"freeze.until: {until!r} is not a stage of this model; stages: {', '.join(valid)}"
+        )
     before = []
     for module_name, module in model.named_modules():
         if module_name == until:
@@ -177,19 +186,25 @@ def schedule_unfreeze(frozen: list[str], steps: Sequence[UnfreezeStep]) -> list[
     for step in sorted(steps, key=lambda s: s.epoch):
         unmatched = unmatched_patterns(step.patterns, frozen)
         if unmatched:
-            raise UserError(f"freeze.unfreeze (epoch {step.epoch}): these patterns match no "
-                            "frozen parameter", unmatched)
+            raise UserError(
+                f"freeze.unfreeze (epoch {step.epoch}): these patterns match no frozen parameter",
+                unmatched,
+            )
         names = [n for n in frozen if n not in claimed and matches_any(n, step.patterns)]
         if not names:
-            raise UserError(f"freeze.unfreeze (epoch {step.epoch}): an earlier step already "
-                            "unfreezes every parameter these patterns match", step.patterns)
+            raise UserError(
+                f"freeze.unfreeze (epoch {step.epoch}): an earlier step already "
+                "unfreezes every parameter these patterns match",
+                step.patterns,
+            )
         claimed.update(names)
         stages.append(UnfreezeStage(step.epoch, list(step.patterns), step.lr, names))
     return stages
 
 
-def unfreeze_due(model: nn.Module, stages: Sequence[UnfreezeStage], epoch: int
-                 ) -> list[UnfreezeStage]:
+def unfreeze_due(
+    model: nn.Module, stages: Sequence[UnfreezeStage], epoch: int
+) -> list[UnfreezeStage]:
     """Make the parameters of every stage due by ``epoch`` trainable; return the stages that
     changed anything.
 

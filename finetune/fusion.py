@@ -53,9 +53,23 @@ _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatc
 _LINEAR_SUBCLASSES = {"timm.layers.conv2d_same.Conv2dSame"}
 _BATCHNORM_ACT = "timm.layers.norm_act.BatchNormAct2d"  # BN, then drop (eval: no-op), then act
 # Tensor functions that read metadata only: they do not make a conv output "used elsewhere".
-_METADATA_FUNCTIONS = frozenset({"shape", "ndim", "dtype", "device", "size", "dim", "numel",
-                                 "is_contiguous", "__len__", "layout", "requires_grad", "stride",
-                                 "is_floating_point"})
+_METADATA_FUNCTIONS = frozenset(
+    {
+        "shape",
+        "ndim",
+        "dtype",
+        "device",
+        "size",
+        "dim",
+        "numel",
+        "is_contiguous",
+        "__len__",
+        "layout",
+        "requires_grad",
+        "stride",
+        "is_floating_point",
+    }
+)
 
 
 @dataclass
@@ -72,8 +86,9 @@ class FuseReport:
     params_after: int = 0
 
 
-def fuse_bn(model: nn.Module, *, inplace: bool = False,
-            example_input: torch.Tensor | None = None) -> nn.Module:
+def fuse_bn(
+    model: nn.Module, *, inplace: bool = False, example_input: torch.Tensor | None = None
+) -> nn.Module:
     """An eval-mode model with every foldable BatchNorm folded; see ``fuse_bn_with_report``.
 
     Example::
@@ -83,9 +98,9 @@ def fuse_bn(model: nn.Module, *, inplace: bool = False,
     return fuse_bn_with_report(model, inplace=inplace, example_input=example_input)[0]
 
 
-def fuse_bn_with_report(model: nn.Module, *, inplace: bool = False,
-                        example_input: torch.Tensor | None = None
-                        ) -> tuple[nn.Module, FuseReport]:
+def fuse_bn_with_report(
+    model: nn.Module, *, inplace: bool = False, example_input: torch.Tensor | None = None
+) -> tuple[nn.Module, FuseReport]:
     """Fold BatchNorm into the conv, transposed conv or linear layer that feeds it.
 
     The folded layer gets the BatchNorm's scale and shift in its weight and bias; the BatchNorm
@@ -152,8 +167,9 @@ def _layer_kind(module: nn.Module) -> str | None:
         return None
     for kind, bases in (("conv", _CONVS), ("transpose", _TRANSPOSED), ("linear", (nn.Linear,))):
         for base in bases:
-            if isinstance(module, base) and (type(module).forward is base.forward
-                                             or _qualname(module) in _LINEAR_SUBCLASSES):
+            if isinstance(module, base) and (
+                type(module).forward is base.forward or _qualname(module) in _LINEAR_SUBCLASSES
+            ):
                 return kind
     return None
 
@@ -169,8 +185,14 @@ def _fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
     fused = copy.deepcopy(layer)  # fuse_linear_bn_eval needs an affine BN; the maths does not
     ones, zeros = torch.ones_like(bn.running_var), torch.zeros_like(bn.running_mean)
     fused.weight, fused.bias = fuse_linear_bn_weights(
-        layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
-        bn.weight if bn.weight is not None else ones, bn.bias if bn.bias is not None else zeros)
+        layer.weight,
+        layer.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.eps,
+        bn.weight if bn.weight is not None else ones,
+        bn.bias if bn.bias is not None else zeros,
+    )
     return fused
 
 
@@ -227,13 +249,17 @@ class _Trace:
         """A torch function took ``tensor``: fine inside the BatchNorm that took it as input."""
         key = id(tensor)
         if key in self.produced and not any(
-                name in self.batchnorms and input_key == key for name, input_key in self.stack):
+            name in self.batchnorms and input_key == key for name, input_key in self.stack
+        ):
             self.used_elsewhere.add(key)
 
     def exclusive(self, key: int, bn: str, consumers: Counter) -> bool:
         """Whether tensor ``key`` went to BatchNorm ``bn`` (via its parents) and nowhere else."""
-        passed_down = all(name in ("", bn) or bn.startswith(name + ".")
-                          for name, k in self.module_inputs if k == key)
+        passed_down = all(
+            name in ("", bn) or bn.startswith(name + ".")
+            for name, k in self.module_inputs
+            if k == key
+        )
         return key not in self.used_elsewhere and consumers[key] == 1 and passed_down
 
 
@@ -242,8 +268,9 @@ class _UseRecorder(TorchFunctionMode):
         super().__init__()
         self.trace = trace
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property such as Tensor.shape: its descriptor has the name
@@ -261,11 +288,20 @@ def _trace(model: nn.Module, batchnorms: set[str], example: torch.Tensor) -> _Tr
     handles = []
     for name, module in model.named_modules():
         is_layer = _layer_kind(module) is not None
-        handles.append(module.register_forward_pre_hook(
-            lambda _m, args, kwargs, name=name: trace.enter(name, args, kwargs), with_kwargs=True))
-        handles.append(module.register_forward_hook(  # always: keeps the stack right
-            lambda _m, _args, output, name=name, is_layer=is_layer:
-            trace.leave(name, output, is_layer), always_call=True))
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda _m, args, kwargs, name=name: trace.enter(name, args, kwargs),
+                with_kwargs=True,
+            )
+        )
+        handles.append(
+            module.register_forward_hook(  # always: keeps the stack right
+                lambda _m, _args, output, name=name, is_layer=is_layer: trace.leave(
+                    name, output, is_layer
+                ),
+                always_call=True,
+            )
+        )
     try:
         with torch.no_grad(), _UseRecorder(trace):
             output = model(example)
@@ -276,8 +312,9 @@ def _trace(model: nn.Module, batchnorms: set[str], example: torch.Tensor) -> _Tr
     return trace
 
 
-def _pair_for(name: str, bn: nn.Module, trace: _Trace, modules: dict[str, nn.Module],
-              aliased: set[str]) -> tuple[str | None, str]:
+def _pair_for(
+    name: str, bn: nn.Module, trace: _Trace, modules: dict[str, nn.Module], aliased: set[str]
+) -> tuple[str | None, str]:
     """(the layer to fold BatchNorm ``name`` into, or None and the reason it stays)."""
     if type(bn) not in _PLAIN_BATCHNORMS and _qualname(bn) != _BATCHNORM_ACT:
         return None, f"unsupported type {type(bn).__name__}"

@@ -62,24 +62,36 @@ def linear_head(in_features: int, num_classes: int, dropout: float = 0.0) -> nn.
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
 }
 NORMS: dict[str, Callable[[int], nn.Module]] = {
-    "batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm,
+    "batchnorm": nn.BatchNorm1d,
+    "layernorm": nn.LayerNorm,
 }
 
 
 @register_head("mlp")
-def mlp_head(in_features: int, num_classes: int, hidden: Sequence[int] = (512,),
-             activation: str = "relu", dropout: float = 0.0, norm: str = "none") -> nn.Module:
+def mlp_head(
+    in_features: int,
+    num_classes: int,
+    hidden: Sequence[int] = (512,),
+    activation: str = "relu",
+    dropout: float = 0.0,
+    norm: str = "none",
+) -> nn.Module:
     """Hidden layers of ``linear -> norm -> activation -> dropout``, then a linear classifier.
 
     Example:
         >>> mlp_head(2048, 10, hidden=[512], activation="gelu", norm="layernorm")
     """
     if activation not in ACTIVATIONS or norm not in {"none", *NORMS}:
-        raise UserError(f"model.head: mlp activation must be one of {sorted(ACTIVATIONS)} and "
-                        f"norm none or one of {sorted(NORMS)}, got {activation!r}, {norm!r}")
+        raise UserError(
+            f"model.head: mlp activation must be one of {sorted(ACTIVATIONS)} and "
+            f"norm none or one of {sorted(NORMS)}, got {activation!r}, {norm!r}"
+        )
     layers: list[nn.Module] = []
     width = in_features
     for size in hidden:
@@ -129,8 +141,10 @@ def resolve_head(type: str) -> HeadFactory:
     if type not in HEADS:
         close = difflib.get_close_matches(type, HEADS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise UserError(f"model.head.type: unknown head {type!r}; {hint}registered heads: "
-                        f"{', '.join(list_heads())} (or give \"package.module:Class\")")
+        raise UserError(
+            f"model.head.type: unknown head {type!r}; {hint}registered heads: "
+            f'{", ".join(list_heads())} (or give "package.module:Class")'
+        )
     return HEADS[type]
 
 
@@ -140,8 +154,10 @@ def _import_head(spec: str) -> HeadFactory:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise UserError(f"model.head.type: cannot import {module_name!r} ({error}); the module "
-                        "must be installed or on PYTHONPATH") from None
+        raise UserError(
+            f"model.head.type: cannot import {module_name!r} ({error}); the module "
+            "must be installed or on PYTHONPATH"
+        ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise UserError(f"model.head.type: {module_name!r} has no head named {attribute!r}")
@@ -155,8 +171,9 @@ def head_options(head: HeadConfig) -> dict[str, Any]:
     return {**options, **head.args}
 
 
-def build_head(type: str, *, in_features: int, num_classes: int, init: str = "kaiming_normal",
-               **kwargs: Any) -> nn.Module:
+def build_head(
+    type: str, *, in_features: int, num_classes: int, init: str = "kaiming_normal", **kwargs: Any
+) -> nn.Module:
     """Make the head ``type`` for ``in_features`` pooled features and initialise its layers.
 
     Example:
@@ -166,10 +183,12 @@ def build_head(type: str, *, in_features: int, num_classes: int, init: str = "ka
     try:
         head = factory(in_features, num_classes, **kwargs)
     except TypeError as error:
-        raise UserError(f"model.head: the {type} head rejected its arguments "
-                        f"{sorted(kwargs)}: {error}") from None
+        raise UserError(
+            f"model.head: the {type} head rejected its arguments {sorted(kwargs)}: {error}"
+        ) from None
     if not isinstance(head, nn.Module):
-        raise UserError(f"model.head: the {type} head returned {head.__class__.__name__}, "
-                        "not a torch.nn.Module")
+        raise UserError(
+            f"model.head: the {type} head returned {head.__class__.__name__}, not a torch.nn.Module"
+        )
     initialize(head, init)
     return head

@@ -37,8 +37,12 @@ from finetune.stats import normalization
 from finetune.weights import read_state_dict
 
 # An export folder: one file per format, export.json, and a model card inside every file.
-FILES = {"safetensors": "model.safetensors", "torchscript": "model.torchscript.pt",
-         "onnx": "model.onnx", "pt2": "model.pt2"}
+FILES = {
+    "safetensors": "model.safetensors",
+    "torchscript": "model.torchscript.pt",
+    "onnx": "model.onnx",
+    "pt2": "model.pt2",
+}
 EXPORT_FILE = "export.json"
 CARD_KEY = "finetune_export"  # safetensors metadata key / extra-file stem holding the model card
 CARD_FILE = f"{CARD_KEY}.json"
@@ -77,8 +81,9 @@ def load_trained(source: str | Path, device: str = "auto") -> TrainedModel:
     folder = RunFolder(find_run_folder(source.resolve()))
     recipe = Recipe.load(folder.recipe_file, check_paths=False)
     classes = folder.read_classes()
-    built = build_model(backbone=recipe.model.backbone, num_classes=len(classes),
-                        head=recipe.model.head)
+    built = build_model(
+        backbone=recipe.model.backbone, num_classes=len(classes), head=recipe.model.head
+    )
     weights = weights_file(source)
     try:
         built.model.load_state_dict(read_state_dict(weights))
@@ -90,32 +95,49 @@ def load_trained(source: str | Path, device: str = "auto") -> TrainedModel:
     else:  # a run folder from before normalization.json
         mean, std = normalization(recipe.data, pretrained_config(recipe.model.backbone))
     runtime = Runtime.create(device=device, precision="fp32", channels_last=False)
-    return TrainedModel(runtime.prepare(built.model).eval(), classes, recipe, runtime,
-                        mean and list(mean), std and list(std), recipe.data.image_size)
+    return TrainedModel(
+        runtime.prepare(built.model).eval(),
+        classes,
+        recipe,
+        runtime,
+        mean and list(mean),
+        std and list(std),
+        recipe.data.image_size,
+    )
 
 
-def evaluate_folder(trained: TrainedModel, root: str | Path, batch_size: int = 64
-                    ) -> dict[str, Any]:
+def evaluate_folder(
+    trained: TrainedModel, root: str | Path, batch_size: int = 64
+) -> dict[str, Any]:
     """Loss, top-1, top-5 and per-class accuracy on an image folder or a CSV/JSONL manifest,
     classes matched to the model's by name."""
     found = open_path(Path(root), key="DATA", num_classes=len(trained.classes))
     unknown = [name for name in found.classes if name not in trained.classes]
     if unknown:
-        raise UserError(f"{root}: classes the model was not trained on: {unknown}; "
-                        f"it knows {trained.classes}")
+        raise UserError(
+            f"{root}: classes the model was not trained on: {unknown}; it knows {trained.classes}"
+        )
     to_model_index = [trained.classes.index(name) for name in found.classes]
-    dataset = ImageFiles([(path, to_model_index[label]) for path, label in found.samples],
-                         trained.classes, found.origin)
-    loader = build_loader(Split(dataset, transform=trained.transform), batch_size=batch_size,
-                          train=False, num_workers=0, pin_memory=trained.runtime.pin_memory)
-    metrics = evaluate(trained.model, loader, trained.runtime, len(trained.classes),
-                       per_class=True)
+    dataset = ImageFiles(
+        [(path, to_model_index[label]) for path, label in found.samples],
+        trained.classes,
+        found.origin,
+    )
+    loader = build_loader(
+        Split(dataset, transform=trained.transform),
+        batch_size=batch_size,
+        train=False,
+        num_workers=0,
+        pin_memory=trained.runtime.pin_memory,
+    )
+    metrics = evaluate(trained.model, loader, trained.runtime, len(trained.classes), per_class=True)
     images, correct = metrics.pop("per_class_images"), metrics.pop("per_class_correct")
     metrics = {key.removeprefix("val/"): value for key, value in metrics.items()}
     metrics["images"] = len(dataset)
     metrics["per_class"] = {
         name: {"images": images[i], "top1": correct[i] / images[i] if images[i] else None}
-        for i, name in enumerate(trained.classes) if images[i]
+        for i, name in enumerate(trained.classes)
+        if images[i]
     }
     return metrics
 
@@ -134,9 +156,15 @@ def predict_images(trained: TrainedModel, paths: list[Path], top_k: int = 5) -> 
     results = []
     for path, probs in zip(paths, probabilities, strict=True):
         values, indices = probs.topk(k)
-        results.append({"image": str(path), "top_k": [
-            {"class": trained.classes[i], "index": int(i), "probability": float(v)}
-            for v, i in zip(values.tolist(), indices.tolist(), strict=True)]})
+        results.append(
+            {
+                "image": str(path),
+                "top_k": [
+                    {"class": trained.classes[i], "index": int(i), "probability": float(v)}
+                    for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+                ],
+            }
+        )
     return results
 
 
@@ -184,20 +212,30 @@ def load_exported(path: str | Path, device: str = "auto") -> TrainedModel:
     card = read_card(path)
     if card is None:
         raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
-    recipe = Recipe.from_dict(yaml.safe_load(card["recipe"]), source=f"{path} (its recipe)",
-                              check_paths=False)
+    recipe = Recipe.from_dict(
+        yaml.safe_load(card["recipe"]), source=f"{path} (its recipe)", check_paths=False
+    )
     if path.suffix == ".safetensors":
         model = rebuild_exported(path, card)
     elif not _is_torchscript(path):
-        raise UserError(f"{path}: a pt2 export; load the export's folder, or its safetensors or "
-                        "TorchScript file (torch.export.load reads this one)")
+        raise UserError(
+            f"{path}: a pt2 export; load the export's folder, or its safetensors or "
+            "TorchScript file (torch.export.load reads this one)"
+        )
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
             model = torch.jit.load(str(path), map_location="cpu")
     runtime = Runtime.create(device=device, precision="fp32", channels_last=False)
-    return TrainedModel(runtime.prepare(model).eval(), card["classes"], recipe, runtime,
-                        card["mean"], card["std"], recipe.data.image_size)
+    return TrainedModel(
+        runtime.prepare(model).eval(),
+        card["classes"],
+        recipe,
+        runtime,
+        card["mean"],
+        card["std"],
+        recipe.data.image_size,
+    )
 
 
 def _loadable_file(folder: Path) -> Path:
@@ -205,20 +243,24 @@ def _loadable_file(folder: Path) -> Path:
     for fmt in LOADABLE:
         if fmt in info.get("formats", {}) and (folder / info["formats"][fmt]).is_file():
             return folder / info["formats"][fmt]
-    raise UserError(f"{folder}: has no {' or '.join(LOADABLE)} file to load; export again with "
-                    "--format safetensors")
+    raise UserError(
+        f"{folder}: has no {' or '.join(LOADABLE)} file to load; export again with "
+        "--format safetensors"
+    )
 
 
 def rebuild_exported(path: Path, card: dict[str, Any]) -> nn.Module:
     """The card's architecture, given the fused structure, with the file's weights."""
     if "backbone" not in card:
         raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
-    built = build_model(backbone=card["backbone"], num_classes=card["num_classes"],
-                        head=HeadConfig(**card["head"]))
+    built = build_model(
+        backbone=card["backbone"], num_classes=card["num_classes"], head=HeadConfig(**card["head"])
+    )
     model = restructure(built.model, card["folded"])
     try:
         model.load_state_dict(read_state_dict(path))
     except RuntimeError as error:
-        raise UserError(f"{path}: weights do not fit the model its card describes: {error}"
-                        ) from None
+        raise UserError(
+            f"{path}: weights do not fit the model its card describes: {error}"
+        ) from None
     return model.eval()

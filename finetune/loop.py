@@ -53,8 +53,13 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, num_classes: int,
-             per_class: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    runtime: Runtime,
+    num_classes: int,
+    per_class: bool = False,
+) -> dict[str, Any]:
     """Loss, top-1 and (with 5 or more classes) top-5 accuracy over ``loader``.
 
     Sums are reduced over processes, so a sharded evaluation gives the single-process numbers.
@@ -69,10 +74,14 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, num_classes
             images, labels = runtime.to_device(images, labels)
             logits = model(images).float()
             top = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
-            totals += torch.stack([
-                F.cross_entropy(logits, labels, reduction="sum"),
-                top[:, 0].sum(), top.any(dim=1).sum(), torch.tensor(len(labels), device=device),
-            ]).to(totals)
+            totals += torch.stack(
+                [
+                    F.cross_entropy(logits, labels, reduction="sum"),
+                    top[:, 0].sum(),
+                    top.any(dim=1).sum(),
+                    torch.tensor(len(labels), device=device),
+                ]
+            ).to(totals)
             class_counts[0].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
             class_counts[1].index_add_(0, labels, top[:, 0].to(torch.float64))
     loss, top1, top5, count = runtime.all_reduce_sum(totals).tolist()
@@ -86,9 +95,15 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, num_classes
     return metrics
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    schedule: Schedule, runtime: Runtime, progress: EpochProgress,
-                    options: FitOptions) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    runtime: Runtime,
+    progress: EpochProgress,
+    options: FitOptions,
+) -> dict[str, float]:
     """One pass over ``loader``; returns train loss, accuracy and images per second.
 
     Labels may be class indices or, after mixup/cutmix, class probabilities (soft targets).
@@ -108,8 +123,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with runtime.no_sync(model, accumulating=not boundary):
             with runtime.autocast():
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels, weight=options.class_weights,
-                                       label_smoothing=options.label_smoothing)
+                loss = F.cross_entropy(
+                    logits,
+                    labels,
+                    weight=options.class_weights,
+                    label_smoothing=options.label_smoothing,
+                )
             runtime.backward(loss / window)
         if boundary:
             runtime.step(optimizer, model, options.clip_grad_norm)
@@ -121,8 +140,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     seconds = time.perf_counter() - start
     totals = torch.cat([sums, sums.new_tensor([seen])])
     loss_sum, correct, seen = runtime.all_reduce_sum(totals).tolist()  # over all processes
-    return {"train/loss": loss_sum / seen, "train/top1": correct / seen,
-            "img_per_s": seen / seconds, "seconds": seconds}
+    return {
+        "train/loss": loss_sum / seen,
+        "train/top1": correct / seen,
+        "img_per_s": seen / seconds,
+        "seconds": seconds,
+    }
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
@@ -131,11 +154,20 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
     return value < best if metric.endswith("loss") else value > best
 
 
-def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
-        optimizer: torch.optim.Optimizer, schedule: Schedule, runtime: Runtime,
-        options: FitOptions, *, state: LoopState | None = None, run: RunFolder | None = None,
-        progress: EpochProgress | None = None, unfreeze: Sequence[UnfreezeStage] = ()
-        ) -> LoopState:
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    runtime: Runtime,
+    options: FitOptions,
+    *,
+    state: LoopState | None = None,
+    run: RunFolder | None = None,
+    progress: EpochProgress | None = None,
+    unfreeze: Sequence[UnfreezeStage] = (),
+) -> LoopState:
     """Train from epoch ``state.epoch + 1`` to ``options.epochs``, evaluating after every epoch
     and, given a run folder, checkpointing and logging a metrics row.
 
@@ -153,19 +185,27 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         if set_epoch is not None:
             set_epoch(epoch)
         progress.start_epoch(epoch, epochs, len(train_loader))
-        train_metrics = train_one_epoch(model, train_loader, optimizer, schedule, runtime,
-                                        progress, options)
-        lrs = {group.get("name", str(i)): group["lr"]
-               for i, group in enumerate(optimizer.param_groups)}
+        train_metrics = train_one_epoch(
+            model, train_loader, optimizer, schedule, runtime, progress, options
+        )
+        lrs = {
+            group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)
+        }
         val_metrics = evaluate(model, val_loader, runtime, options.num_classes)
         schedule.step_epoch({**train_metrics, **val_metrics})
         state.epoch, state.train_seconds = epoch, state.train_seconds + train_metrics["seconds"]
         improved = is_better(val_metrics[save_best], state.best_value, save_best)
         if improved:
             state.best_epoch, state.best_value = epoch, val_metrics[save_best]
-        row = {"epoch": epoch, "epochs": epochs, **train_metrics, **val_metrics,
-               **skipped_images(train=train_loader, val=val_loader),
-               "lr": next(iter(lrs.values())), **{f"lr/{k}": v for k, v in lrs.items()}}
+        row = {
+            "epoch": epoch,
+            "epochs": epochs,
+            **train_metrics,
+            **val_metrics,
+            **skipped_images(train=train_loader, val=val_loader),
+            "lr": next(iter(lrs.values())),
+            **{f"lr/{k}": v for k, v in lrs.items()},
+        }
         state.history.append(row)
         diverged = not math.isfinite(row["train/loss"])
         if run is not None:
@@ -177,14 +217,17 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
             run.append_metrics(row)
         progress.end_epoch(row)
         if diverged:
-            raise FloatingPointError(f"training loss became {row['train/loss']} at epoch "
-                                     f"{epoch}; lower optimizer.lr or set train.clip_grad_norm "
-                                     f"(last/ holds epoch {epoch - 1})")
+            raise FloatingPointError(
+                f"training loss became {row['train/loss']} at epoch "
+                f"{epoch}; lower optimizer.lr or set train.clip_grad_norm "
+                f"(last/ holds epoch {epoch - 1})"
+            )
     return state
 
 
-def checkpoint_state(optimizer: torch.optim.Optimizer, schedule: Schedule, runtime: Runtime,
-                     state: LoopState) -> dict[str, Any]:
+def checkpoint_state(
+    optimizer: torch.optim.Optimizer, schedule: Schedule, runtime: Runtime, state: LoopState
+) -> dict[str, Any]:
     """Everything besides the weights that an exact resume needs (loads with weights_only)."""
     return {
         "epoch": state.epoch,

@@ -53,10 +53,15 @@ class LRFinderResult:
 
     def describe(self) -> str:
         """One line: the suggestion, its rule and how the test went."""
-        end = (f"stopped at step {self.diverged_at} when the loss diverged"
-               if self.diverged_at is not None else "did not diverge")
-        return (f"suggested optimizer.lr {self.suggestion:.3g} ({RULES[self.rule]}); "
-                f"{len(self.lrs)} steps from {self.start_lr:g}, {end}")
+        end = (
+            f"stopped at step {self.diverged_at} when the loss diverged"
+            if self.diverged_at is not None
+            else "did not diverge"
+        )
+        return (
+            f"suggested optimizer.lr {self.suggestion:.3g} ({RULES[self.rule]}); "
+            f"{len(self.lrs)} steps from {self.start_lr:g}, {end}"
+        )
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``lr_find.json`` and ``lr_find.png`` into ``out_dir``; return the folder."""
@@ -75,8 +80,12 @@ class LRFinderResult:
         fig, axis = plt.subplots(figsize=(6.4, 3.8))
         axis.plot(self.lrs, self.losses, color="tab:blue", alpha=0.3, label="loss")
         axis.plot(self.lrs, self.smoothed, color="tab:blue", label="smoothed loss")
-        axis.axvline(self.suggestion, color="tab:red", linestyle="--",
-                     label=f"suggested {self.suggestion:.2g}")
+        axis.axvline(
+            self.suggestion,
+            color="tab:red",
+            linestyle="--",
+            label=f"suggested {self.suggestion:.2g}",
+        )
         axis.set_xscale("log")
         if self.smoothed:  # the divergence would squash the interesting part
             low, high = min(self.smoothed), max(self.smoothed[0], min(self.smoothed) * 1.5)
@@ -90,8 +99,9 @@ class LRFinderResult:
         plt.close(fig)
 
 
-def suggest_lr(lrs: list[float], smoothed: list[float], rule: str = "steepest"
-               ) -> tuple[float, str]:
+def suggest_lr(
+    lrs: list[float], smoothed: list[float], rule: str = "steepest"
+) -> tuple[float, str]:
     """The suggested LR and the rule that chose it.
 
     ``steepest``: where the smoothed loss falls fastest against log(LR), between the first
@@ -105,8 +115,8 @@ def suggest_lr(lrs: list[float], smoothed: list[float], rule: str = "steepest"
     lowest = int(np.argmin(smoothed))
     skip = max(1, len(lrs) // 10)  # at the smallest LRs the loss only moves by noise
     if rule == "steepest" and lowest - skip >= 3:
-        log_lrs = np.log10(lrs[skip:lowest + 1])
-        slopes = np.gradient(np.asarray(smoothed[skip:lowest + 1]), log_lrs)
+        log_lrs = np.log10(lrs[skip : lowest + 1])
+        slopes = np.gradient(np.asarray(smoothed[skip : lowest + 1]), log_lrs)
         return float(lrs[skip + int(np.argmin(slopes))]), "steepest"
     return float(lrs[lowest]) / 10, "min10"
 
@@ -162,14 +172,21 @@ def lr_range_test(
         for step, lr in enumerate(np.geomspace(start_lr, end_lr, steps).tolist()):
             for group, base in zip(optimizer.param_groups, initial, strict=True):
                 group["lr"] = base * lr / reference
-            loss = _train_step(model, optimizer, batches, runtime, grad_accum_steps,
-                               clip_grad_norm, label_smoothing)
+            loss = _train_step(
+                model,
+                optimizer,
+                batches,
+                runtime,
+                grad_accum_steps,
+                clip_grad_norm,
+                label_smoothing,
+            )
             if not math.isfinite(loss):
                 diverged_at = step
                 break
             lrs.append(lr)
             losses.append(loss)
-            running = float(np.mean(losses[-half - 1:]))  # only the past is known yet
+            running = float(np.mean(losses[-half - 1 :]))  # only the past is known yet
             lowest = min(lowest, running)
             if running > diverge_factor * lowest:
                 diverged_at = step
@@ -177,14 +194,23 @@ def lr_range_test(
     finally:
         _restore(model, optimizer, runtime, saved)
     # Centred: a trailing average lags, and would move the suggestion to higher LRs.
-    smoothed = [float(np.mean(losses[max(0, i - half):i + half + 1])) for i in range(len(losses))]
+    smoothed = [float(np.mean(losses[max(0, i - half) : i + half + 1])) for i in range(len(losses))]
     suggestion, used = suggest_lr(lrs, smoothed, rule)
     names = [str(group.get("name", i)) for i, group in enumerate(optimizer.param_groups)]
     return LRFinderResult(
-        lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, rule=used,
-        start_lr=start_lr, end_lr=end_lr, steps=steps, diverged_at=diverged_at,
-        group_lrs={name: base * suggestion / reference
-                   for name, base in zip(names, initial, strict=True)})
+        lrs=lrs,
+        losses=losses,
+        smoothed=smoothed,
+        suggestion=suggestion,
+        rule=used,
+        start_lr=start_lr,
+        end_lr=end_lr,
+        steps=steps,
+        diverged_at=diverged_at,
+        group_lrs={
+            name: base * suggestion / reference for name, base in zip(names, initial, strict=True)
+        },
+    )
 
 
 def check_range(start_lr: float, end_lr: float, steps: int, rule: str) -> None:
@@ -197,10 +223,15 @@ def check_range(start_lr: float, end_lr: float, steps: int, rule: str) -> None:
         raise UserError(f"lr-find: unknown rule {rule!r}; choose {' or '.join(RULES)}")
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                batches: Iterator[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime,
-                grad_accum_steps: int, clip_grad_norm: float | None,
-                label_smoothing: float) -> float:
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    runtime: Runtime,
+    grad_accum_steps: int,
+    clip_grad_norm: float | None,
+    label_smoothing: float,
+) -> float:
     """One optimizer step over ``grad_accum_steps`` batches, as the training loop takes it."""
     total = 0.0
     for _ in range(grad_accum_steps):
@@ -225,19 +256,26 @@ def _forever(loader: Iterable[Any]) -> Iterator[Any]:
             empty = False
             yield batch
         if empty:
-            raise UserError("lr-find: the training data gives no batch (fewer images than "
-                            "data.batch_size?)")
+            raise UserError(
+                "lr-find: the training data gives no batch (fewer images than data.batch_size?)"
+            )
 
 
-def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime
-              ) -> dict[str, Any]:
-    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "scaler": runtime.scaler.state_dict(), "rng": rng_state(), "training": model.training}
+def _snapshot(
+    model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime
+) -> dict[str, Any]:
+    return {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scaler": runtime.scaler.state_dict(),
+        "rng": rng_state(),
+        "training": model.training,
+    }
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
-             saved: dict[str, Any]) -> None:
+def _restore(
+    model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime, saved: dict[str, Any]
+) -> None:
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])  # also the groups' LRs
     runtime.scaler.load_state_dict(saved["scaler"])

@@ -17,9 +17,15 @@ import torch
 from finetune.schedule import Span, build_scheduler, schedule_span
 
 
-def lr_curve(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
-             steps_per_epoch: int, lr_scale: float = 1.0, **scheduler: Any
-             ) -> tuple[Span, dict[str, list[float]]]:
+def lr_curve(
+    groups: Sequence[Mapping[str, Any]],
+    *,
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    lr_scale: float = 1.0,
+    **scheduler: Any,
+) -> tuple[Span, dict[str, list[float]]]:
     """Each group's LR at every scheduler step, from the real scheduler on a throwaway optimizer.
 
     Args:
@@ -31,16 +37,26 @@ def lr_curve(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
         The span and, by group name, the LR used by each of the ``span.total`` steps. A
         ``plateau`` schedule gets no metric here: its reductions depend on the run.
     """
-    dummies = [{"params": [torch.zeros(1, requires_grad=True)], "lr": group["lr"] * lr_scale,
-                "name": str(group.get("name", index)), "rule": group.get("rule")}
-               for index, group in enumerate(groups)]
+    dummies = [
+        {
+            "params": [torch.zeros(1, requires_grad=True)],
+            "lr": group["lr"] * lr_scale,
+            "name": str(group.get("name", index)),
+            "rule": group.get("rule"),
+        }
+        for index, group in enumerate(groups)
+    ]
     optimizer = torch.optim.SGD(dummies, lr=lr * lr_scale, momentum=0.9)
-    schedule = build_scheduler(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                               lr_scale=lr_scale, **scheduler)
-    span = schedule_span(epochs=epochs, steps_per_epoch=steps_per_epoch,
-                         interval=scheduler.get("interval", "step"),
-                         warmup_epochs=scheduler.get("warmup_epochs", 0.0),
-                         warmup_steps=scheduler.get("warmup_steps", 0))
+    schedule = build_scheduler(
+        optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_scale=lr_scale, **scheduler
+    )
+    span = schedule_span(
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        interval=scheduler.get("interval", "step"),
+        warmup_epochs=scheduler.get("warmup_epochs", 0.0),
+        warmup_steps=scheduler.get("warmup_steps", 0),
+    )
     curves: dict[str, list[float]] = {group["name"]: [] for group in dummies}
     for _ in range(span.total):
         for group in optimizer.param_groups:
@@ -50,9 +66,16 @@ def lr_curve(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
     return span, curves
 
 
-def preview_lrs(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
-                steps_per_epoch: int, lr_scale: float = 1.0, points: Sequence[int] = (),
-                **scheduler: Any) -> dict[str, list[tuple[str, int, float]]]:
+def preview_lrs(
+    groups: Sequence[Mapping[str, Any]],
+    *,
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    lr_scale: float = 1.0,
+    points: Sequence[int] = (),
+    **scheduler: Any,
+) -> dict[str, list[tuple[str, int, float]]]:
     """Each group's LR at the start, the end of the warmup, the middle and the end of the run.
 
     Same arguments as ``lr_curve``; ``points`` adds steps of your choice. Steps count scheduler
@@ -66,28 +89,49 @@ def preview_lrs(groups: Sequence[Mapping[str, Any]], *, lr: float, epochs: int,
         ...             warmup_epochs=1)["default"][0]
         ('start', 0, 0.001)
     """
-    span, curves = lr_curve(groups, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                            lr_scale=lr_scale, **scheduler)
+    span, curves = lr_curve(
+        groups,
+        lr=lr,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr_scale=lr_scale,
+        **scheduler,
+    )
     marks = [("start", 0)]
     if span.warmup:
         marks.append(("warmup end", span.warmup))
     marks += [("middle", span.total // 2), ("end", span.total - 1)]
     marks += [(f"step {step}", step) for step in points if 0 <= step < span.total]
-    return {name: [(label, step, values[step]) for label, step in marks]
-            for name, values in curves.items()}
+    return {
+        name: [(label, step, values[step]) for label, step in marks]
+        for name, values in curves.items()
+    }
 
 
-def plot_lr_schedule(path: str | Path, groups: Sequence[Mapping[str, Any]], *, lr: float,
-                     epochs: int, steps_per_epoch: int, lr_scale: float = 1.0,
-                     **scheduler: Any) -> Path:
+def plot_lr_schedule(
+    path: str | Path,
+    groups: Sequence[Mapping[str, Any]],
+    *,
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    lr_scale: float = 1.0,
+    **scheduler: Any,
+) -> Path:
     """Write ``lr_schedule.png`` (or ``path`` if it names a ``.png``): each group's LR by epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    span, curves = lr_curve(groups, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                            lr_scale=lr_scale, **scheduler)
+    span, curves = lr_curve(
+        groups,
+        lr=lr,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr_scale=lr_scale,
+        **scheduler,
+    )
     path = Path(path)
     path = path if path.suffix == ".png" else path / "lr_schedule.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +141,9 @@ def plot_lr_schedule(path: str | Path, groups: Sequence[Mapping[str, Any]], *, l
     if span.warmup:
         axis.axvline(span.warmup / span.per_epoch, color="grey", linestyle=":", linewidth=1)
     title = scheduler.get("name", "cosine")
-    axis.set_title(f"{title}: LR per group" + (" (no reductions shown)" if title == "plateau"
-                                                else ""))
+    axis.set_title(
+        f"{title}: LR per group" + (" (no reductions shown)" if title == "plateau" else "")
+    )
     axis.set_xlabel("epoch")
     axis.set_ylabel("learning rate")
     axis.legend(fontsize=7)

@@ -95,26 +95,35 @@ def build_model(
     check_backbone_name(backbone)
     if backbone.startswith(TORCHVISION_PREFIX):
         if head.pool is not None:
-            raise UserError("model.head.pool: pooling can be changed on timm backbones only; "
-                            f"{backbone} keeps its own")
+            raise UserError(
+                "model.head.pool: pooling can be changed on timm backbones only; "
+                f"{backbone} keeps its own"
+            )
         model = _torchvision_model(backbone.removeprefix(TORCHVISION_PREFIX), pretrained is True)
     else:
         model = _timm_model(backbone, pretrained is True)
         _reset_timm_classifier(model, backbone, num_classes, head.pool)
     head_name = _classifier_name(model)
     in_features = model.get_submodule(head_name).in_features
-    new_head = build_head(head.type, in_features=in_features, num_classes=num_classes,
-                          init=head.init, **head_options(head))
+    new_head = build_head(
+        head.type,
+        in_features=in_features,
+        num_classes=num_classes,
+        init=head.init,
+        **head_options(head),
+    )
     model.set_submodule(head_name, new_head)
     report = None
     if isinstance(pretrained, (str, Path)):
-        report = load_partial(model, weights_file(pretrained), **load.model_dump(),
-                              new_head=[f"{head_name}.*"])
+        report = load_partial(
+            model, weights_file(pretrained), **load.model_dump(), new_head=[f"{head_name}.*"]
+        )
     return BuiltModel(model, head_name, report, in_features)
 
 
-def _reset_timm_classifier(model: nn.Module, backbone: str, num_classes: int,
-                           pool: str | None) -> None:
+def _reset_timm_classifier(
+    model: nn.Module, backbone: str, num_classes: int, pool: str | None
+) -> None:
     """timm's own classifier reset: sets ``num_classes`` and, when asked, the pooling."""
     # Forked so that the throwaway linear layer draws no random numbers: the new head gets the
     # same initial weights as when timm's classifier is replaced without a reset.
@@ -125,8 +134,9 @@ def _reset_timm_classifier(model: nn.Module, backbone: str, num_classes: int,
         try:
             model.reset_classifier(num_classes, global_pool=pool)
         except (AssertionError, ValueError) as error:  # timm asserts on an unknown pool type
-            raise UserError(f"model.head.pool: {backbone} cannot pool with {pool!r} "
-                            f"({error})") from None
+            raise UserError(
+                f"model.head.pool: {backbone} cannot pool with {pool!r} ({error})"
+            ) from None
 
 
 def _timm_model(name: str, pretrained: bool) -> nn.Module:

@@ -80,8 +80,10 @@ def param_groups(
         [('default', 0.01), ('default/no_decay', 0.01), ('fc.*', 0.1), ('fc.*/no_decay', 0.1)]
     """
     named = list(model.named_parameters())
-    rules = [as_section(ParamGroupRule, rule, f"optimizer.param_groups.{index}")
-             for index, rule in enumerate(rules)]
+    rules = [
+        as_section(ParamGroupRule, rule, f"optimizer.param_groups.{index}")
+        for index, rule in enumerate(rules)
+    ]
     _check_rules(rules, named)
     kinds = _no_decay_kinds(no_decay)
     embed = _no_weight_decay_names(model) if "embed" in kinds else set()
@@ -99,9 +101,17 @@ def param_groups(
             group_name = f"{group_name}/depth{layer}"
         if group_wd > 0 and _exempt_from_decay(name, param, kinds, embed):
             group_name, group_wd = f"{group_name}/no_decay", 0.0
-        group = groups.setdefault(group_name, {"name": group_name, "rule": rule_name,
-                                               "lr": group_lr, "weight_decay": group_wd,
-                                               "params": [], "param_names": []})
+        group = groups.setdefault(
+            group_name,
+            {
+                "name": group_name,
+                "rule": rule_name,
+                "lr": group_lr,
+                "weight_decay": group_wd,
+                "params": [],
+                "param_names": [],
+            },
+        )
         group["params"].append(param)
         group["param_names"].append(name)
     return list(groups.values())
@@ -110,12 +120,15 @@ def param_groups(
 def _check_rules(rules: Sequence[ParamGroupRule], named: list[tuple[str, nn.Parameter]]) -> None:
     for index, rule in enumerate(rules):
         if unmatched_patterns([rule.match], (name for name, _ in named)):
-            raise UserError(f"optimizer.param_groups.{index}.match: {rule.match!r} matches no "
-                            f"parameter (names look like {named[0][0]!r}, {named[-1][0]!r})")
+            raise UserError(
+                f"optimizer.param_groups.{index}.match: {rule.match!r} matches no "
+                f"parameter (names look like {named[0][0]!r}, {named[-1][0]!r})"
+            )
 
 
-def _group_values(rule: ParamGroupRule | None, lr: float, weight_decay: float
-                  ) -> tuple[str, float, float]:
+def _group_values(
+    rule: ParamGroupRule | None, lr: float, weight_decay: float
+) -> tuple[str, float, float]:
     if rule is None:
         return "default", lr, weight_decay
     group_lr = rule.lr if rule.lr is not None else lr * (rule.lr_mult or 1.0)
@@ -128,8 +141,10 @@ def _no_decay_kinds(no_decay: bool | Sequence[str]) -> set[str]:
         return set(NO_DECAY_KINDS) if no_decay else set()
     unknown = set(no_decay) - set(NO_DECAY_KINDS)
     if unknown:
-        raise UserError(f"optimizer.no_decay: unknown {sorted(unknown)}; choose from "
-                        f"{', '.join(NO_DECAY_KINDS)} or true")
+        raise UserError(
+            f"optimizer.no_decay: unknown {sorted(unknown)}; choose from "
+            f"{', '.join(NO_DECAY_KINDS)} or true"
+        )
     return set(no_decay)
 
 
@@ -159,8 +174,7 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
         raw = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     else:
         children = {name: index for index, (name, _) in enumerate(model.named_children())}
-        raw = {name: children.get(name.split(".", 1)[0], 0)
-               for name, _ in model.named_parameters()}
+        raw = {name: children.get(name.split(".", 1)[0], 0) for name, _ in model.named_parameters()}
     compact = {value: index for index, value in enumerate(sorted(set(raw.values())))}
     return {name: compact[value] for name, value in raw.items()}, len(compact)
 
@@ -181,8 +195,9 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         known = list_optimizers()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise UserError(f"optimizer.name: unknown optimizer {name!r}; {hint}known: "
-                        f"{', '.join(known)}") from None
+        raise UserError(
+            f"optimizer.name: unknown optimizer {name!r}; {hint}known: {', '.join(known)}"
+        ) from None
 
 
 def build_optimizer(
@@ -220,20 +235,28 @@ def build_optimizer(
     """
     if not groups:
         raise UserError("optimizer: no trainable parameters (is everything frozen?)")
-    common = dict(zip(_COMMON_OPTIONS, (momentum, dampening, nesterov, betas, eps, alpha, centered),
-                      strict=True))
+    common = dict(
+        zip(
+            _COMMON_OPTIONS,
+            (momentum, dampening, nesterov, betas, eps, alpha, centered),
+            strict=True,
+        )
+    )
     given = {key: value for key, value in common.items() if value is not None}
     extra = dict(options or {})
     cls = optimizer_class(name)
     _check_options(name, cls, given, extra)
     kwargs = {**_torch_defaults(name), **given, **extra}
-    torch_groups = [{**{k: v for k, v in g.items() if k != "param_names"}, "lr": g["lr"] * lr_scale}
-                    for g in groups]
+    torch_groups = [
+        {**{k: v for k, v in g.items() if k != "param_names"}, "lr": g["lr"] * lr_scale}
+        for g in groups
+    ]
     from timm.optim import create_optimizer_v2
 
     try:
-        return create_optimizer_v2(torch_groups, opt=name, lr=lr * lr_scale,
-                                   weight_decay=weight_decay, **kwargs)
+        return create_optimizer_v2(
+            torch_groups, opt=name, lr=lr * lr_scale, weight_decay=weight_decay, **kwargs
+        )
     except (TypeError, ValueError) as error:  # e.g. a value out of the optimizer's range
         raise UserError(f"optimizer: {name}: {error}") from None
 
@@ -250,8 +273,10 @@ def _check_options(name: str, cls: type, given: dict[str, Any], extra: dict[str,
     for prefix, keys in (("optimizer", given), ("optimizer.options", extra)):
         for key in keys:
             if key not in parameters:
-                raise UserError(f"{prefix}.{key}: {name} ({cls.__name__}) has no option {key!r}; "
-                                f"it takes: {', '.join(valid)}")
+                raise UserError(
+                    f"{prefix}.{key}: {name} ({cls.__name__}) has no option {key!r}; "
+                    f"it takes: {', '.join(valid)}"
+                )
 
 
 def _torch_defaults(name: str) -> dict[str, Any]:
@@ -266,8 +291,14 @@ def _torch_defaults(name: str) -> dict[str, Any]:
     return {key: parameters[key].default for key in changed}
 
 
-def lr_scale_factor(*, lr_scaling: str = "none", batch_size: int, base_batch_size: int = 256,
-                    grad_accum_steps: int = 1, world_size: int | None = None) -> float:
+def lr_scale_factor(
+    *,
+    lr_scaling: str = "none",
+    batch_size: int,
+    base_batch_size: int = 256,
+    grad_accum_steps: int = 1,
+    world_size: int | None = None,
+) -> float:
     """The factor ``optimizer.lr_scaling`` applies to every learning rate.
 
     ``linear`` is the linear scaling rule: images per optimizer step (``batch_size`` x
@@ -298,10 +329,16 @@ def optimizer_arguments(config: Any) -> dict[str, Any]:
     return {key: value for key, value in config if key in accepted}
 
 
-def training_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
-                    rules: Sequence[ParamGroupRule | Mapping[str, Any]] = (),
-                    no_decay: bool | Sequence[str] = False, layer_decay: float | None = None,
-                    unfreeze: Sequence[UnfreezeStage] = ()) -> list[dict[str, Any]]:
+def training_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    rules: Sequence[ParamGroupRule | Mapping[str, Any]] = (),
+    no_decay: bool | Sequence[str] = False,
+    layer_decay: float | None = None,
+    unfreeze: Sequence[UnfreezeStage] = (),
+) -> list[dict[str, Any]]:
     """Every group the run will ever train: ``param_groups`` of the trainable parameters, then,
     for each unfreeze stage, the groups of its (still frozen) parameters under the same rules,
     named ``unfreeze@<epoch>/<group>`` and at the stage's ``lr`` if it sets one.
@@ -309,8 +346,13 @@ def training_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
     The stages' groups are in the optimizer from the start: frozen parameters get no gradient,
     so the optimizer skips them until ``finetune.freezing.unfreeze_due`` flips ``requires_grad``.
     """
-    options: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, "rules": rules,
-                               "no_decay": no_decay, "layer_decay": layer_decay}
+    options: dict[str, Any] = {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "rules": rules,
+        "no_decay": no_decay,
+        "layer_decay": layer_decay,
+    }
     groups = param_groups(model, **options)
     for stage in unfreeze:
         for group in param_groups(model, **options, names=set(stage.names)):
@@ -353,12 +395,34 @@ def create_optimizer(
         >>> create_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.05, no_decay=True,
         ...                  param_groups=[{"match": "head.*", "lr_mult": 10}])
     """
-    groups = training_groups(model, lr=lr, weight_decay=weight_decay, rules=param_groups,
-                             no_decay=no_decay, layer_decay=layer_decay, unfreeze=unfreeze)
-    scale = lr_scale_factor(lr_scaling=lr_scaling, batch_size=batch_size,
-                            base_batch_size=base_batch_size, grad_accum_steps=grad_accum_steps,
-                            world_size=world_size)
-    return build_optimizer(groups, name=name, lr=lr, weight_decay=weight_decay,
-                           momentum=momentum, dampening=dampening, nesterov=nesterov, betas=betas,
-                           eps=eps, alpha=alpha, centered=centered, options=options,
-                           lr_scale=scale)
+    groups = training_groups(
+        model,
+        lr=lr,
+        weight_decay=weight_decay,
+        rules=param_groups,
+        no_decay=no_decay,
+        layer_decay=layer_decay,
+        unfreeze=unfreeze,
+    )
+    scale = lr_scale_factor(
+        lr_scaling=lr_scaling,
+        batch_size=batch_size,
+        base_batch_size=base_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        world_size=world_size,
+    )
+    return build_optimizer(
+        groups,
+        name=name,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        betas=betas,
+        eps=eps,
+        alpha=alpha,
+        centered=centered,
+        options=options,
+        lr_scale=scale,
+    )

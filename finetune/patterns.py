@@ -18,5 +18,6 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
 def unmatched_patterns(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
     """The patterns that match none of ``names`` (a typo that would silently do nothing)."""
     names = list(names)
-    return [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern)
-                                                       for n in names)]
+    return [
+        pattern for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in names)
+    ]

@@ -48,16 +48,19 @@ class EpochProgress:
         if not self.interactive:
             return
         self._progress = Progress(
-            TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-            console=self.console, transient=True,
+            TextColumn(f"epoch {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
         )
         self._progress.start()
         self._task = self._progress.add_task("train", total=batches, stats="")
         self._batches, self._stats, self._stats_time = batches, "", -math.inf
 
-    def update(self, batches_done: int, sums: torch.Tensor, images: int, seconds: float
-               ) -> None:
+    def update(self, batches_done: int, sums: torch.Tensor, images: int, seconds: float) -> None:
         """Advance the bar. ``sums`` (loss x images, correct) may live on the GPU: reading it
         waits for the GPU to catch up, so it is read at most every ``STATS_INTERVAL_S``."""
         if self._progress is None:

@@ -46,13 +46,19 @@ class Recipe(Section):
     def _unfreeze_within_training(self) -> Recipe:
         late = sorted(step.epoch for step in self.freeze.unfreeze if step.epoch > self.train.epochs)
         if late:
-            raise ValueError(f"freeze.unfreeze: epoch(s) {late} come after the last epoch "
-                             f"(train.epochs {self.train.epochs}); they would never happen")
+            raise ValueError(
+                f"freeze.unfreeze: epoch(s) {late} come after the last epoch "
+                f"(train.epochs {self.train.epochs}); they would never happen"
+            )
         return self
 
     @classmethod
-    def load(cls, path: str | Path, overrides: dict[str, Any] | list[str] | None = None,
-             check_paths: bool = True) -> Recipe:
+    def load(
+        cls,
+        path: str | Path,
+        overrides: dict[str, Any] | list[str] | None = None,
+        check_paths: bool = True,
+    ) -> Recipe:
         """Read ``path`` (following ``extends:``), apply overrides, and validate.
 
         Args:
@@ -65,12 +71,14 @@ class Recipe(Section):
             UserError: listing every invalid key of the recipe.
         """
         data = read_recipe_dict(Path(path))
-        return cls.from_dict(apply_overrides(data, overrides or {}), source=str(path),
-                             check_paths=check_paths)
+        return cls.from_dict(
+            apply_overrides(data, overrides or {}), source=str(path), check_paths=check_paths
+        )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "recipe", check_paths: bool = True
-                  ) -> Recipe:
+    def from_dict(
+        cls, data: dict[str, Any], source: str = "recipe", check_paths: bool = True
+    ) -> Recipe:
         try:
             return cls.model_validate(data, context={"check_paths": check_paths})
         except ValidationError as error:
@@ -146,8 +154,9 @@ def _parse_assignment(item: str) -> tuple[str, Any]:
 SectionT = typing.TypeVar("SectionT", bound=Section)
 
 
-def as_section(cls: type[SectionT], value: SectionT | typing.Mapping[str, Any] | None,
-               key: str) -> SectionT:
+def as_section(
+    cls: type[SectionT], value: SectionT | typing.Mapping[str, Any] | None, key: str
+) -> SectionT:
     """``value`` as the section ``cls``: a plain mapping (from Python) is validated exactly as
     the recipe key ``key`` would be, with the same messages; ``None`` gives the defaults.
 
@@ -190,17 +199,26 @@ def describe_errors(error: ValidationError, where: tuple[str | int, ...] = ()) -
 # Pydantic names the member of a union in the error path: a source by its ``type``, other members
 # by their schema (``function-after[...]``, ``list[...]``, ``str``...).
 _UNION_TAGS = frozenset(SOURCE_TYPES)
-_TAG_PREFIXES = ("function-after[", "function-before[", "function-plain[", "function-wrap[",
-                 "list[", "dict[")
+_TAG_PREFIXES = (
+    "function-after[",
+    "function-before[",
+    "function-plain[",
+    "function-wrap[",
+    "list[",
+    "dict[",
+)
 _TYPE_TAGS = frozenset({"bool", "str", "int", "float", "path", "literal['auto']"})
 
 
 def _without_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Pydantic puts the union member into the path (``data.train.digits.seed``); drop it."""
     return tuple(
-        part for part in loc
-        if not (isinstance(part, str)
-                and (part in _UNION_TAGS or part in _TYPE_TAGS or part.startswith(_TAG_PREFIXES)))
+        part
+        for part in loc
+        if not (
+            isinstance(part, str)
+            and (part in _UNION_TAGS or part in _TYPE_TAGS or part.startswith(_TAG_PREFIXES))
+        )
     )
 
 

@@ -94,8 +94,7 @@ def find_run_folder(path: Path) -> Path:
     for candidate in (path, *path.parents[:3]):
         if (candidate / RECIPE_FILE).is_file() and (candidate / CLASSES_FILE).is_file():
             return candidate
-    raise UserError(f"{path}: not inside a run folder (no {RECIPE_FILE} and {CLASSES_FILE} "
-                    "found)")
+    raise UserError(f"{path}: not inside a run folder (no {RECIPE_FILE} and {CLASSES_FILE} found)")
 
 
 def weights_file(path: str | Path) -> Path:
@@ -159,8 +158,14 @@ class RunFolder:
         return self.path / tag / WEIGHTS_FILE
 
     # ------------------------------------------------------------------------ metadata
-    def write_start(self, *, recipe_yaml: str, classes: list[str], normalization: dict[str, Any],
-                    load_report: dict[str, Any] | None) -> None:
+    def write_start(
+        self,
+        *,
+        recipe_yaml: str,
+        classes: list[str],
+        normalization: dict[str, Any],
+        load_report: dict[str, Any] | None,
+    ) -> None:
         """What a run knows before its first step: recipe, classes, normalisation, load report."""
         atomic_write_text(self.recipe_file, recipe_yaml)
         write_json(self.path / CLASSES_FILE, {str(i): name for i, name in enumerate(classes)})
@@ -221,6 +226,8 @@ class RunFolder:
         with safe_open(folder / WEIGHTS_FILE, "pt") as handle:
             epoch = (handle.metadata() or {}).get("epoch")
         if epoch != str(state["epoch"]):
-            raise UserError(f"--resume: {folder}: weights (epoch {epoch}) and state "
-                            f"(epoch {state['epoch']}) disagree; the save was interrupted")
+            raise UserError(
+                f"--resume: {folder}: weights (epoch {epoch}) and state "
+                f"(epoch {state['epoch']}) disagree; the save was interrupted"
+            )
         return tensors, state

@@ -64,8 +64,9 @@ class Runtime:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     @classmethod
-    def create(cls, *, device: str = "auto", precision: str = "auto",
-               channels_last: bool | str = "auto") -> Runtime:
+    def create(
+        cls, *, device: str = "auto", precision: str = "auto", channels_last: bool | str = "auto"
+    ) -> Runtime:
         """Resolve ``auto`` choices; under torchrun (``WORLD_SIZE`` > 1), join the process group
         and take the GPU of this process's ``LOCAL_RANK``."""
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -79,8 +80,13 @@ class Runtime:
             init_process_group(resolved)
         if channels_last == "auto":
             channels_last = resolved.type == "cuda"  # faster convolutions with tensor cores
-        return cls(device=resolved, precision=resolve_precision(precision, resolved),
-                   channels_last=bool(channels_last), rank=rank, world_size=world_size)
+        return cls(
+            device=resolved,
+            precision=resolve_precision(precision, resolved),
+            channels_last=bool(channels_last),
+            rank=rank,
+            world_size=world_size,
+        )
 
     @property
     def is_main(self) -> bool:
@@ -135,8 +141,9 @@ class Runtime:
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # non_blocking overlaps the copy with compute when the loader pinned the memory.
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
@@ -158,8 +165,9 @@ class Runtime:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, model: nn.Module,
-             clip_grad_norm: float | None) -> None:
+    def step(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, clip_grad_norm: float | None
+    ) -> None:
         """Unscale (fp16), clip, step and zero the gradients."""
         if clip_grad_norm is not None:
             self.scaler.unscale_(optimizer)

@@ -47,8 +47,14 @@ class Span:
         return max(1, round(epochs * self.per_epoch))
 
 
-def schedule_span(*, epochs: int, steps_per_epoch: int, interval: str = "step",
-                  warmup_epochs: float = 0.0, warmup_steps: int = 0) -> Span:
+def schedule_span(
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    interval: str = "step",
+    warmup_epochs: float = 0.0,
+    warmup_steps: int = 0,
+) -> Span:
     """The lengths ``build_scheduler`` works with, in scheduler steps.
 
     ``steps_per_epoch`` counts optimizer steps (batches / accumulation steps). The warmup is
@@ -67,52 +73,79 @@ def _constant(optimizer: torch.optim.Optimizer, span: Span, **_: Any) -> lr_sche
     return lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def _step(optimizer: torch.optim.Optimizer, span: Span, *, step_size: int, gamma: float | None,
-          **_: Any) -> lr_scheduler.LRScheduler:
-    return lr_scheduler.StepLR(optimizer, step_size=span.steps(step_size),
-                               gamma=0.1 if gamma is None else gamma)
+def _step(
+    optimizer: torch.optim.Optimizer, span: Span, *, step_size: int, gamma: float | None, **_: Any
+) -> lr_scheduler.LRScheduler:
+    return lr_scheduler.StepLR(
+        optimizer, step_size=span.steps(step_size), gamma=0.1 if gamma is None else gamma
+    )
 
 
-def _multistep(optimizer: torch.optim.Optimizer, span: Span, *, milestones: Sequence[int],
-               gamma: float | None, **_: Any) -> lr_scheduler.LRScheduler:
+def _multistep(
+    optimizer: torch.optim.Optimizer,
+    span: Span,
+    *,
+    milestones: Sequence[int],
+    gamma: float | None,
+    **_: Any,
+) -> lr_scheduler.LRScheduler:
     # Milestones count epochs from the start of training; the schedule starts after the warmup.
     steps = [span.steps(epoch) - span.warmup for epoch in milestones]
     if not milestones or any(step <= 0 for step in steps):
-        raise UserError(f"scheduler.milestones: {list(milestones)} must be epochs after the "
-                        f"warmup ({span.warmup} steps)")
-    return lr_scheduler.MultiStepLR(optimizer, milestones=steps,
-                                    gamma=0.1 if gamma is None else gamma)
+        raise UserError(
+            f"scheduler.milestones: {list(milestones)} must be epochs after the "
+            f"warmup ({span.warmup} steps)"
+        )
+    return lr_scheduler.MultiStepLR(
+        optimizer, milestones=steps, gamma=0.1 if gamma is None else gamma
+    )
 
 
-def _exponential(optimizer: torch.optim.Optimizer, span: Span, *, gamma: float | None,
-                 **_: Any) -> lr_scheduler.LRScheduler:
+def _exponential(
+    optimizer: torch.optim.Optimizer, span: Span, *, gamma: float | None, **_: Any
+) -> lr_scheduler.LRScheduler:
     if gamma is None:
         raise UserError("scheduler.gamma: exponential needs the LR factor per epoch, e.g. 0.95")
     return lr_scheduler.ExponentialLR(optimizer, gamma=gamma ** (1 / span.per_epoch))
 
 
-def _cosine(optimizer: torch.optim.Optimizer, span: Span, *, min_lr: float,
-            cycle_epochs: float | None, cycle_mult: int, lr_scale: float,
-            **_: Any) -> lr_scheduler.LRScheduler:
+def _cosine(
+    optimizer: torch.optim.Optimizer,
+    span: Span,
+    *,
+    min_lr: float,
+    cycle_epochs: float | None,
+    cycle_mult: int,
+    lr_scale: float,
+    **_: Any,
+) -> lr_scheduler.LRScheduler:
     floor = min_lr * lr_scale
-    below = [f"{group.get('name', i)} ({group['lr']:g})"
-             for i, group in enumerate(optimizer.param_groups) if group["lr"] < floor]
+    below = [
+        f"{group.get('name', i)} ({group['lr']:g})"
+        for i, group in enumerate(optimizer.param_groups)
+        if group["lr"] < floor
+    ]
     if below:  # torch's cosine runs from each group's LR to the one floor: these would rise
-        raise UserError(f"scheduler.min_lr: {floor:g} is above the learning rate of group(s) "
-                        f"{', '.join(below)}; cosine would raise them; lower min_lr")
+        raise UserError(
+            f"scheduler.min_lr: {floor:g} is above the learning rate of group(s) "
+            f"{', '.join(below)}; cosine would raise them; lower min_lr"
+        )
     if cycle_epochs is None:
         return lr_scheduler.CosineAnnealingLR(optimizer, T_max=span.after_warmup, eta_min=floor)
-    return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=span.steps(cycle_epochs),
-                                                    T_mult=cycle_mult, eta_min=floor)
+    return lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=span.steps(cycle_epochs), T_mult=cycle_mult, eta_min=floor
+    )
 
 
-def _poly(optimizer: torch.optim.Optimizer, span: Span, *, power: float,
-          **_: Any) -> lr_scheduler.LRScheduler:
+def _poly(
+    optimizer: torch.optim.Optimizer, span: Span, *, power: float, **_: Any
+) -> lr_scheduler.LRScheduler:
     return lr_scheduler.PolynomialLR(optimizer, total_iters=span.after_warmup, power=power)
 
 
-def _peak_lrs(optimizer: torch.optim.Optimizer, max_lr: float | None, lr_scale: float,
-              name: str) -> list[float]:
+def _peak_lrs(
+    optimizer: torch.optim.Optimizer, max_lr: float | None, lr_scale: float, name: str
+) -> list[float]:
     """``max_lr`` is the peak of a group at the optimizer's own LR; others keep their ratio."""
     if max_lr is None:
         raise UserError(f"scheduler.max_lr: {name} needs the peak learning rate")
@@ -120,33 +153,67 @@ def _peak_lrs(optimizer: torch.optim.Optimizer, max_lr: float | None, lr_scale: 
     return [max_lr * lr_scale * group["lr"] / reference for group in optimizer.param_groups]
 
 
-def _cyclic(optimizer: torch.optim.Optimizer, span: Span, *, max_lr: float | None,
-            lr_scale: float, cycle_epochs: float | None, cycle_mode: str, gamma: float | None,
-            cycle_momentum: bool, **_: Any) -> lr_scheduler.LRScheduler:
+def _cyclic(
+    optimizer: torch.optim.Optimizer,
+    span: Span,
+    *,
+    max_lr: float | None,
+    lr_scale: float,
+    cycle_epochs: float | None,
+    cycle_mode: str,
+    gamma: float | None,
+    cycle_momentum: bool,
+    **_: Any,
+) -> lr_scheduler.LRScheduler:
     cycle = span.after_warmup if cycle_epochs is None else span.steps(cycle_epochs)
     up = max(cycle // 2, 1)
     return lr_scheduler.CyclicLR(
-        optimizer, base_lr=[group["lr"] for group in optimizer.param_groups],
-        max_lr=_peak_lrs(optimizer, max_lr, lr_scale, "cyclic"), step_size_up=up,
-        step_size_down=max(cycle - up, 1), mode=cycle_mode,
+        optimizer,
+        base_lr=[group["lr"] for group in optimizer.param_groups],
+        max_lr=_peak_lrs(optimizer, max_lr, lr_scale, "cyclic"),
+        step_size_up=up,
+        step_size_down=max(cycle - up, 1),
+        mode=cycle_mode,
         gamma=1.0 if gamma is None else gamma ** (1 / span.per_epoch),  # exp_range, per epoch
-        cycle_momentum=cycle_momentum)
+        cycle_momentum=cycle_momentum,
+    )
 
 
-def _onecycle(optimizer: torch.optim.Optimizer, span: Span, *, max_lr: float | None,
-              lr_scale: float, pct_start: float, div_factor: float, final_div_factor: float,
-              cycle_momentum: bool, **_: Any) -> lr_scheduler.LRScheduler:
+def _onecycle(
+    optimizer: torch.optim.Optimizer,
+    span: Span,
+    *,
+    max_lr: float | None,
+    lr_scale: float,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
+    cycle_momentum: bool,
+    **_: Any,
+) -> lr_scheduler.LRScheduler:
     return lr_scheduler.OneCycleLR(
-        optimizer, max_lr=_peak_lrs(optimizer, max_lr, lr_scale, "onecycle"),
-        total_steps=span.after_warmup, pct_start=pct_start, div_factor=div_factor,
-        final_div_factor=final_div_factor, cycle_momentum=cycle_momentum)
+        optimizer,
+        max_lr=_peak_lrs(optimizer, max_lr, lr_scale, "onecycle"),
+        total_steps=span.after_warmup,
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        cycle_momentum=cycle_momentum,
+    )
 
 
-def _lambda(optimizer: torch.optim.Optimizer, span: Span, *,
-            lambdas: str | Mapping[str, str] | None, **_: Any) -> lr_scheduler.LRScheduler:
+def _lambda(
+    optimizer: torch.optim.Optimizer,
+    span: Span,
+    *,
+    lambdas: str | Mapping[str, str] | None,
+    **_: Any,
+) -> lr_scheduler.LRScheduler:
     if lambdas is None:
-        raise UserError("scheduler.lambdas: the lambda schedule needs 'package.module:function' "
-                        "(or one per parameter group)")
+        raise UserError(
+            "scheduler.lambdas: the lambda schedule needs 'package.module:function' "
+            "(or one per parameter group)"
+        )
     return GroupLambdaLR(optimizer, lambdas, total_steps=span.after_warmup)
 
 
@@ -237,29 +304,58 @@ def build_scheduler(
         >>> scheduler = build_scheduler(optimizer, epochs=10, steps_per_epoch=50, name="cosine",
         ...                             warmup_epochs=1, min_lr=1e-5)
     """
-    span = schedule_span(epochs=epochs, steps_per_epoch=steps_per_epoch, interval=interval,
-                         warmup_epochs=warmup_epochs, warmup_steps=warmup_steps)
+    span = schedule_span(
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        interval=interval,
+        warmup_epochs=warmup_epochs,
+        warmup_steps=warmup_steps,
+    )
 
     def ramp() -> lr_scheduler.LRScheduler | None:  # built after the main one, as torch wants
-        return (lr_scheduler.LinearLR(optimizer, start_factor=warmup_start_factor,
-                                      end_factor=1.0, total_iters=span.warmup)
-                if span.warmup else None)
+        return (
+            lr_scheduler.LinearLR(
+                optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=span.warmup
+            )
+            if span.warmup
+            else None
+        )
 
     if name == "plateau":
         if mode == "auto":
             mode = "min" if monitor.endswith("loss") else "max"
-        plateau = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor,
-                                                 patience=patience, min_lr=min_lr * lr_scale)
-        return Schedule(optimizer, interval=interval, scheduler=ramp(), plateau=plateau,
-                        monitor=monitor, warmup_steps=span.warmup)
+        plateau = lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr * lr_scale
+        )
+        return Schedule(
+            optimizer,
+            interval=interval,
+            scheduler=ramp(),
+            plateau=plateau,
+            monitor=monitor,
+            warmup_steps=span.warmup,
+        )
     if name not in SCHEDULES:
-        raise UserError(f"scheduler.name: unknown schedule {name!r}; known: "
-                        f"{', '.join(list_schedules())}")
-    options = dict(lr_scale=lr_scale, min_lr=min_lr, step_size=step_size, milestones=milestones,
-                   gamma=gamma, cycle_epochs=cycle_epochs, cycle_mult=cycle_mult,
-                   cycle_mode=cycle_mode, cycle_momentum=cycle_momentum, max_lr=max_lr,
-                   pct_start=pct_start, div_factor=div_factor, final_div_factor=final_div_factor,
-                   power=power, lambdas=lambdas)
+        raise UserError(
+            f"scheduler.name: unknown schedule {name!r}; known: {', '.join(list_schedules())}"
+        )
+    options = dict(
+        lr_scale=lr_scale,
+        min_lr=min_lr,
+        step_size=step_size,
+        milestones=milestones,
+        gamma=gamma,
+        cycle_epochs=cycle_epochs,
+        cycle_mult=cycle_mult,
+        cycle_mode=cycle_mode,
+        cycle_momentum=cycle_momentum,
+        max_lr=max_lr,
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        power=power,
+        lambdas=lambdas,
+    )
     try:
         main = SCHEDULES[name](optimizer, span, **options)
     except ValueError as error:  # torch's own checks, e.g. momentum cycling without momentum
@@ -280,10 +376,16 @@ class Schedule:
     are over; the warmup is then the only thing ``scheduler`` does.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, interval: str = "step",
-                 scheduler: lr_scheduler.LRScheduler | None = None,
-                 plateau: lr_scheduler.ReduceLROnPlateau | None = None,
-                 monitor: str = "val/loss", warmup_steps: int = 0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        interval: str = "step",
+        scheduler: lr_scheduler.LRScheduler | None = None,
+        plateau: lr_scheduler.ReduceLROnPlateau | None = None,
+        monitor: str = "val/loss",
+        warmup_steps: int = 0,
+    ) -> None:
         self.optimizer, self.interval = optimizer, interval
         self.scheduler, self.plateau = scheduler, plateau
         self.monitor, self.warmup_steps = monitor, warmup_steps
@@ -312,9 +414,11 @@ class Schedule:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ticks": self.ticks,
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "plateau": self.plateau.state_dict() if self.plateau else None}
+        return {
+            "ticks": self.ticks,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ticks = state["ticks"]
@@ -339,30 +443,43 @@ class GroupLambdaLR(lr_scheduler.LambdaLR):
     keeps a checkpoint loadable with ``torch.load(weights_only=True)``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lambdas: str | Mapping[str, str],
-                 total_steps: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, lambdas: str | Mapping[str, str], total_steps: int
+    ) -> None:
         self.lambdas, self.total_steps = lambdas, total_steps
         groups = optimizer.param_groups
         if not isinstance(lambdas, str):
-            unused = [key for key in lambdas if key != "default"
-                      and not any(_group_matches(group, index, key)
-                                  for index, group in enumerate(groups))]
+            unused = [
+                key
+                for key in lambdas
+                if key != "default"
+                and not any(_group_matches(group, index, key) for index, group in enumerate(groups))
+            ]
             if unused:
                 names = ", ".join(_group_name(group, i) for i, group in enumerate(groups))
-                raise UserError(f"scheduler.lambdas: {', '.join(map(repr, unused))} matches no "
-                                f"parameter group; groups: {names}")
+                raise UserError(
+                    f"scheduler.lambdas: {', '.join(map(repr, unused))} matches no "
+                    f"parameter group; groups: {names}"
+                )
         super().__init__(optimizer, [self._function(group, i) for i, group in enumerate(groups)])
 
     def _function(self, group: Mapping[str, Any], index: int) -> Callable[[int], float]:
         if isinstance(self.lambdas, str):
             path = self.lambdas
         else:
-            path = next((path for key, path in self.lambdas.items()
-                         if key != "default" and _group_matches(group, index, key)),
-                        self.lambdas.get("default"))
+            path = next(
+                (
+                    path
+                    for key, path in self.lambdas.items()
+                    if key != "default" and _group_matches(group, index, key)
+                ),
+                self.lambdas.get("default"),
+            )
         if path is None:
-            raise UserError(f"scheduler.lambdas: no function for parameter group "
-                            f"{_group_name(group, index)!r}; add a `default` entry")
+            raise UserError(
+                f"scheduler.lambdas: no function for parameter group "
+                f"{_group_name(group, index)!r}; add a `default` entry"
+            )
         function = load_callable(path, key="scheduler.lambdas")
         try:
             takes_total = "total_steps" in inspect.signature(function).parameters

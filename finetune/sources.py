@@ -79,16 +79,21 @@ def image_folder(root: Path, key: str) -> ImageFiles:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{key}: {root} is not a folder")
-    classes = sorted(entry.name for entry in os.scandir(root)
-                     if entry.is_dir() and not entry.name.startswith("."))
+    classes = sorted(
+        entry.name
+        for entry in os.scandir(root)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
     if not classes:
         raise UserError(f"{key}: {root} has no class folders (expected {root}/<class>/<image>)")
     samples = []
     for index, name in enumerate(classes):
         files = sorted(path for path in _walk(root / name) if is_image_file(path))
         if not files:
-            raise UserError(f"{key}: class folder {root / name} has no images (looked for "
-                            f"{', '.join(IMAGE_EXTENSIONS)})")
+            raise UserError(
+                f"{key}: class folder {root / name} has no images (looked for "
+                f"{', '.join(IMAGE_EXTENSIONS)})"
+            )
         samples += [(path, index) for path in files]
     return ImageFiles(samples, classes, root)
 
@@ -101,8 +106,15 @@ def _walk(folder: Path) -> list[Path]:
     return found
 
 
-def manifest(path: Path, key: str, *, kind: str, path_key: str = "path",
-             label_key: str = "label", num_classes: int | None = None) -> ImageFiles:
+def manifest(
+    path: Path,
+    key: str,
+    *,
+    kind: str,
+    path_key: str = "path",
+    label_key: str = "label",
+    num_classes: int | None = None,
+) -> ImageFiles:
     """A CSV (with a header) or JSON-lines list of images; image paths relative to ``path``.
 
     Labels are class names (classes sorted by name), or, when every label is an integer, class
@@ -120,8 +132,10 @@ def manifest(path: Path, key: str, *, kind: str, path_key: str = "path",
     for line, row in rows:
         missing = [name for name in (path_key, label_key) if row.get(name) in (None, "")]
         if missing:
-            raise UserError(f"{key}: {path}, line {line}: no {' or '.join(missing)} (columns: "
-                            f"{', '.join(row)}); set {key}.path_key / label_key")
+            raise UserError(
+                f"{key}: {path}, line {line}: no {' or '.join(missing)} (columns: "
+                f"{', '.join(row)}); set {key}.path_key / label_key"
+            )
         image = path.parent / str(row[path_key])
         if not image.is_file():
             raise UserError(f"{key}: {path}, line {line}: image not found: {image}")
@@ -149,25 +163,32 @@ def _read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
         return rows
 
 
-def _labelled(entries: list[tuple[int, Path, Any]], path: Path, key: str,
-              num_classes: int | None) -> ImageFiles:
+def _labelled(
+    entries: list[tuple[int, Path, Any]], path: Path, key: str, num_classes: int | None
+) -> ImageFiles:
     """Labels are names unless every one is an integer (an int, or a CSV cell of digits)."""
     as_int = [_as_index(label) for _, _, label in entries]
     if all(index is not None for index in as_int):
         count = num_classes or max(as_int) + 1
         for (line, _, _), index in zip(entries, as_int, strict=True):
             if not 0 <= index < count:
-                raise UserError(f"{key}: {path}, line {line}: label {index} is outside "
-                                f"0..{count - 1} ({count} classes)")
+                raise UserError(
+                    f"{key}: {path}, line {line}: label {index} is outside "
+                    f"0..{count - 1} ({count} classes)"
+                )
         unused = sorted(set(range(count)) - set(as_int))
         if unused and num_classes is None:
-            raise UserError(f"{key}: {path}: integer labels are class indices from 0, but no row "
-                            f"has label {unused[0]}; set model.num_classes to keep unused classes, "
-                            "or label the rows with class names")
+            raise UserError(
+                f"{key}: {path}: integer labels are class indices from 0, but no row "
+                f"has label {unused[0]}; set model.num_classes to keep unused classes, "
+                "or label the rows with class names"
+            )
         classes = [str(index) for index in range(count)]
-        return ImageFiles([(image, index) for (_, image, _), index in zip(entries, as_int,
-                                                                          strict=True)],
-                          classes, path)
+        return ImageFiles(
+            [(image, index) for (_, image, _), index in zip(entries, as_int, strict=True)],
+            classes,
+            path,
+        )
     if any(not isinstance(label, str) for _, _, label in entries):
         line = next(line for line, _, label in entries if not isinstance(label, str))
         raise UserError(f"{key}: {path}, line {line}: labels mix class names and other values")
@@ -235,8 +256,9 @@ def _digits_split(targets: np.ndarray, split: str) -> list[int]:
     return [i for i in range(len(targets)) if is_val[i] == (split == "val")]
 
 
-def _first_per_class(indices: list[int], targets: np.ndarray, per_class: int, seed: int
-                     ) -> list[int]:
+def _first_per_class(
+    indices: list[int], targets: np.ndarray, per_class: int, seed: int
+) -> list[int]:
     order = np.random.default_rng(seed).permutation(indices)
     kept: dict[int, list[int]] = {}
     for index in order:
@@ -250,8 +272,12 @@ def fake_images(source: FakeSource, image_size: int) -> LabelledImages:
     """torchvision's ``FakeData``: random images, labels drawn per image with ``seed``."""
     from torchvision.datasets import FakeData
 
-    dataset = FakeData(size=source.num_samples, image_size=(3, image_size, image_size),
-                       num_classes=source.num_classes, random_offset=source.seed * 1_000_003)
+    dataset = FakeData(
+        size=source.num_samples,
+        image_size=(3, image_size, image_size),
+        num_classes=source.num_classes,
+        random_offset=source.seed * 1_000_003,
+    )
     targets = [int(dataset[i][1]) for i in range(len(dataset))]
     return LabelledImages(dataset, [f"class_{i}" for i in range(source.num_classes)], targets)
 
@@ -273,8 +299,9 @@ def torchvision_dataset(source: TorchvisionSource, key: str) -> LabelledImages:
     kwargs: dict[str, Any] = {"root": str(source.root)}
     if "train" in parameters:
         if source.split not in ("train", "test"):
-            raise UserError(f"{key}.split: {source.name} has splits train and test, "
-                            f"not {source.split!r}")
+            raise UserError(
+                f"{key}.split: {source.name} has splits train and test, not {source.split!r}"
+            )
         kwargs["train"] = source.split == "train"
     elif "split" in parameters:
         kwargs["split"] = source.split
@@ -288,25 +315,33 @@ def torchvision_dataset(source: TorchvisionSource, key: str) -> LabelledImages:
         raise UserError(
             f"{key}: torchvision's {source.name} found no usable files under {source.root} "
             f"({error}). finetune never downloads: on a machine with internet, run "
-            f"`python -c \"import torchvision; torchvision.datasets.{source.name}"
+            f'`python -c "import torchvision; torchvision.datasets.{source.name}'
             f"(root='data', {'train=True, ' if 'train' in kwargs else ''}download=True)\"` (or "
             f"download the files by hand) and copy what it writes into {source.root}/, keeping "
-            "its layout") from None
+            "its layout"
+        ) from None
     return _labelled_torchvision(dataset, source, key)
 
 
 def _labelled_torchvision(dataset: Any, source: TorchvisionSource, key: str) -> LabelledImages:
-    labels = next((getattr(dataset, name) for name in ("targets", "labels", "_labels")
-                   if getattr(dataset, name, None) is not None), None)
+    labels = next(
+        (
+            getattr(dataset, name)
+            for name in ("targets", "labels", "_labels")
+            if getattr(dataset, name, None) is not None
+        ),
+        None,
+    )
     if labels is None:  # no label list: read them (decodes every image once)
         labels = [dataset[i][1] for i in range(len(dataset))]
     try:
         targets = [int(label) for label in labels]
     except (TypeError, ValueError):
-        raise UserError(f"{key}: {source.name} is not an image classification dataset "
-                        "(its labels are not class indices)") from None
-    classes = list(getattr(dataset, "classes", None) or
-                   [str(i) for i in range(max(targets) + 1)])
+        raise UserError(
+            f"{key}: {source.name} is not an image classification dataset "
+            "(its labels are not class indices)"
+        ) from None
+    classes = list(getattr(dataset, "classes", None) or [str(i) for i in range(max(targets) + 1)])
     if targets and not 0 <= min(targets) <= max(targets) < len(classes):
         raise UserError(f"{key}: {source.name} has labels outside 0..{len(classes) - 1}")
     return LabelledImages(dataset, [str(name) for name in classes], targets)
@@ -331,13 +366,18 @@ class SourceKind:
 def _count_class_folders(source: ImageFolderSource, key: str) -> int:
     """The sub-folders of ``root`` that are not hidden (their images are not looked at)."""
     try:
-        classes = [entry.name for entry in os.scandir(source.root)
-                   if entry.is_dir() and not entry.name.startswith(".")]
+        classes = [
+            entry.name
+            for entry in os.scandir(source.root)
+            if entry.is_dir() and not entry.name.startswith(".")
+        ]
     except OSError as error:
         raise UserError(f"{key}.root: cannot list {source.root}: {error}") from None
     if len(classes) < 2:
-        raise UserError(f"{key}.root: {source.root} has {len(classes)} class folders; "
-                        "set model.num_classes or add one folder per class")
+        raise UserError(
+            f"{key}.root: {source.root} has {len(classes)} class folders; "
+            "set model.num_classes or add one folder per class"
+        )
     return len(classes)
 
 
@@ -345,24 +385,35 @@ def _count_class_folders(source: ImageFolderSource, key: str) -> int:
 SOURCE_KINDS: dict[type, SourceKind] = {
     ImageFolderSource: SourceKind(
         open=lambda source, key, size, classes: image_folder(source.root, key),
-        count_classes=_count_class_folders),
+        count_classes=_count_class_folders,
+    ),
     ManifestSource: SourceKind(
         open=lambda source, key, size, classes: manifest(
-            source.path, key, kind=source.type, path_key=source.path_key,
-            label_key=source.label_key, num_classes=classes)),
+            source.path,
+            key,
+            kind=source.type,
+            path_key=source.path_key,
+            label_key=source.label_key,
+            num_classes=classes,
+        )
+    ),
     TorchvisionSource: SourceKind(
-        open=lambda source, key, size, classes: torchvision_dataset(source, key)),
+        open=lambda source, key, size, classes: torchvision_dataset(source, key)
+    ),
     DigitsSource: SourceKind(
         open=lambda source, key, size, classes: DigitsDataset(source),
-        count_classes=lambda source, key: len(source.classes)),
+        count_classes=lambda source, key: len(source.classes),
+    ),
     FakeSource: SourceKind(
         open=lambda source, key, size, classes: fake_images(source, size),
-        count_classes=lambda source, key: source.num_classes),
+        count_classes=lambda source, key: source.num_classes,
+    ),
 }
 
 
-def open_source(source: DataSource, *, key: str, image_size: int,
-                num_classes: int | None = None) -> ImageSource:
+def open_source(
+    source: DataSource, *, key: str, image_size: int, num_classes: int | None = None
+) -> ImageSource:
     """The dataset a recipe's ``data.train`` / ``data.val`` names (``key`` is that name).
 
     ``num_classes`` bounds integer labels of manifests (``model.num_classes`` when given).
@@ -382,8 +433,10 @@ def count_classes(source: DataSource, key: str = "data.train") -> int:
     """
     counter = SOURCE_KINDS[type(source)].count_classes
     if counter is None:
-        raise UserError(f"model.num_classes: needed to plan without reading the "
-                        f"{source.type} data; set it in the recipe or with --set")
+        raise UserError(
+            f"model.num_classes: needed to plan without reading the "
+            f"{source.type} data; set it in the recipe or with --set"
+        )
     return counter(source, key)
 
 

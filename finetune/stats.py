@@ -58,24 +58,31 @@ class _PixelSums(Dataset):
         except BadImageError as error:
             return {"error": str(error)}
         pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3)
-        return {"sum": pixels.sum(axis=0), "sum_sq": np.square(pixels).sum(axis=0),
-                "count": len(pixels), "size": image.size, "label": label}
+        return {
+            "sum": pixels.sum(axis=0),
+            "sum_sq": np.square(pixels).sum(axis=0),
+            "count": len(pixels),
+            "size": image.size,
+            "label": label,
+        }
 
 
 def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
-def image_statistics(source: ImageSource, indices: Sequence[int] | None = None, *,
-                     num_workers: int = 0) -> ImageStats:
+def image_statistics(
+    source: ImageSource, indices: Sequence[int] | None = None, *, num_workers: int = 0
+) -> ImageStats:
     """Mean and std per channel over every pixel of ``source`` (or its ``indices``), images per
     class, and the range of image sizes. Unreadable images are listed, not measured.
 
     Sums are accumulated in float64, so the result matches NumPy on all pixels at once.
     """
     indices = list(range(len(source))) if indices is None else list(indices)
-    loader = DataLoader(_PixelSums(source, indices), batch_size=16, num_workers=num_workers,
-                        collate_fn=_as_list)
+    loader = DataLoader(
+        _PixelSums(source, indices), batch_size=16, num_workers=num_workers, collate_fn=_as_list
+    )
     total, total_sq, count = np.zeros(3), np.zeros(3), 0
     sizes, labels, unreadable = [], Counter(), []
     for batch in loader:
@@ -93,10 +100,14 @@ def image_statistics(source: ImageSource, indices: Sequence[int] | None = None, 
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     widths, heights = zip(*sizes, strict=True)
     return ImageStats(
-        images=len(sizes), mean=(mean / 255).tolist(), std=(std / 255).tolist(),
+        images=len(sizes),
+        mean=(mean / 255).tolist(),
+        std=(std / 255).tolist(),
         per_class={name: labels.get(i, 0) for i, name in enumerate(source.classes)},
-        width=[min(widths), max(widths)], height=[min(heights), max(heights)],
-        unreadable=unreadable)
+        width=[min(widths), max(widths)],
+        height=[min(heights), max(heights)],
+        unreadable=unreadable,
+    )
 
 
 @dataclass
@@ -112,8 +123,9 @@ class Normalization:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
-def normalization(data: DataConfig, pretrained_cfg: dict[str, Any]
-                  ) -> tuple[tuple[float, ...], tuple[float, ...]] | tuple[None, None]:
+def normalization(
+    data: DataConfig, pretrained_cfg: dict[str, Any]
+) -> tuple[tuple[float, ...], tuple[float, ...]] | tuple[None, None]:
     """(mean, std) for ``data.normalize``; ``auto`` reads the backbone's pretrained config.
 
     ``dataset`` needs the training images: use ``resolve_normalization``.
@@ -124,17 +136,26 @@ def normalization(data: DataConfig, pretrained_cfg: dict[str, Any]
     if choice == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
     if choice == "auto":
-        return (tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
-                tuple(pretrained_cfg.get("std", IMAGENET_STD)))
+        return (
+            tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
+            tuple(pretrained_cfg.get("std", IMAGENET_STD)),
+        )
     if choice == "dataset":
-        raise UserError("data.normalize: dataset is measured on the training images when a run "
-                        "starts; this recipe was not resolved by a run")
+        raise UserError(
+            "data.normalize: dataset is measured on the training images when a run "
+            "starts; this recipe was not resolved by a run"
+        )
     return tuple(choice.mean), tuple(choice.std)
 
 
-def resolve_normalization(data: DataConfig, pretrained_cfg: dict[str, Any], *,
-                          train: ImageSource, indices: Sequence[int] | None = None,
-                          num_workers: int = 0) -> Normalization:
+def resolve_normalization(
+    data: DataConfig,
+    pretrained_cfg: dict[str, Any],
+    *,
+    train: ImageSource,
+    indices: Sequence[int] | None = None,
+    num_workers: int = 0,
+) -> Normalization:
     """What ``data.normalize`` means for this run; ``dataset`` measures ``train[indices]``."""
     if data.normalize != "dataset":
         mean, std = normalization(data, pretrained_cfg)
@@ -142,11 +163,14 @@ def resolve_normalization(data: DataConfig, pretrained_cfg: dict[str, Any], *,
         return Normalization(kind, mean and list(mean), std and list(std))
     stats = image_statistics(train, indices, num_workers=num_workers)
     if stats.unreadable and data.on_bad_image == "error":
-        raise BadImageError(f"{stats.unreadable[0]}; set data.on_bad_image: skip to skip "
-                            "unreadable files")
+        raise BadImageError(
+            f"{stats.unreadable[0]}; set data.on_bad_image: skip to skip unreadable files"
+        )
     if min(stats.std) <= 0:
-        raise UserError("data.normalize: dataset: a channel of the training images is constant "
-                        f"(std {stats.std}); use imagenet or give {{mean, std}}")
+        raise UserError(
+            "data.normalize: dataset: a channel of the training images is constant "
+            f"(std {stats.std}); use imagenet or give {{mean, std}}"
+        )
     return Normalization("dataset", stats.mean, stats.std, images=stats.images)
 
 

@@ -29,8 +29,13 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path | None = None,
-        console: Console | None = None) -> RunResult:
+def run(
+    recipe: Recipe,
+    *,
+    run_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    console: Console | None = None,
+) -> RunResult:
     """Train ``recipe`` with the shared loop and return the run folder and its summary.
 
     Args:
@@ -41,8 +46,15 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
     built = build(recipe)
     recipe, runtime = built.recipe, built.runtime
     # Every process must write to (and resume from) the folder rank 0 names.
-    folder = RunFolder(runtime.broadcast(Path(resume) if resume else Path(run_dir) if run_dir
-                                         else new_run_dir(recipe.output.dir, recipe.name)))
+    folder = RunFolder(
+        runtime.broadcast(
+            Path(resume)
+            if resume
+            else Path(run_dir)
+            if run_dir
+            else new_run_dir(recipe.output.dir, recipe.name)
+        )
+    )
     state = LoopState()
     if resume:
         runtime.barrier()
@@ -52,11 +64,19 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
         describe_run(built, folder, console)
     test_metrics = None
     try:
-        fit(built.model, built.train_loader, built.val_loader, built.optimizer, built.schedule,
-            runtime, fit_options(built), state=state,
+        fit(
+            built.model,
+            built.train_loader,
+            built.val_loader,
+            built.optimizer,
+            built.schedule,
+            runtime,
+            fit_options(built),
+            state=state,
             run=folder if runtime.is_main else None,
             progress=EpochProgress(enabled=runtime.is_main, console=console),
-            unfreeze=built.unfreeze)
+            unfreeze=built.unfreeze,
+        )
         test_metrics = evaluate_test_split(built, folder)
     finally:
         summary = _summary(folder, state, built, completed=state.epoch == recipe.train.epochs)
@@ -64,8 +84,10 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
             summary["test"] = test_metrics
             if runtime.is_main:
                 scores = "  ".join(f"{key} {value:.4f}" for key, value in test_metrics.items())
-                console.print(f"data.test with the best/ weights (epoch {state.best_epoch}): "
-                              f"{scores}", highlight=False)
+                console.print(
+                    f"data.test with the best/ weights (epoch {state.best_epoch}): {scores}",
+                    highlight=False,
+                )
         if runtime.is_main and folder.path.exists():
             folder.write_summary(summary)
             plot_curves(folder)
@@ -77,11 +99,15 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str | Path
 def fit_options(built: Built) -> FitOptions:
     """The ``train:`` and ``output:`` keys the loop reads, with the run's class count."""
     train = built.recipe.train
-    return FitOptions(epochs=train.epochs, num_classes=built.num_classes,
-                      grad_accum_steps=train.grad_accum_steps,
-                      clip_grad_norm=train.clip_grad_norm, label_smoothing=train.label_smoothing,
-                      save_best=built.recipe.output.save_best,
-                      class_weights=built.class_weights())
+    return FitOptions(
+        epochs=train.epochs,
+        num_classes=built.num_classes,
+        grad_accum_steps=train.grad_accum_steps,
+        clip_grad_norm=train.clip_grad_norm,
+        label_smoothing=train.label_smoothing,
+        save_best=built.recipe.output.save_best,
+        class_weights=built.class_weights(),
+    )
 
 
 def evaluate_test_split(built: Built, folder: RunFolder) -> dict[str, Any] | None:
@@ -97,8 +123,9 @@ def evaluate_test_split(built: Built, folder: RunFolder) -> dict[str, Any] | Non
     return {key.replace("val/", "test/"): value for key, value in metrics.items()}
 
 
-def resolve_resume(resume: str, recipe: Recipe, run_dir: Path | None, overrides: list[str]
-                   ) -> tuple[Path, Recipe]:
+def resolve_resume(
+    resume: str, recipe: Recipe, run_dir: Path | None, overrides: list[str]
+) -> tuple[Path, Recipe]:
     """The run folder to resume and its saved recipe with this command's ``--set`` applied.
 
     ``resume`` is a run folder, or ``latest``: ``--run-dir`` if given, else the recipe's latest run.
@@ -119,9 +146,12 @@ def _start_folder(folder: RunFolder, built: Built, link: bool) -> None:
     assert built.datasets is not None
     folder.create()
     report = built.network.load_report
-    folder.write_start(recipe_yaml=built.recipe.to_yaml(), classes=built.datasets.classes,
-                       normalization=built.datasets.normalization.to_dict(),
-                       load_report=report.to_dict() if report is not None else None)
+    folder.write_start(
+        recipe_yaml=built.recipe.to_yaml(),
+        classes=built.datasets.classes,
+        normalization=built.datasets.normalization.to_dict(),
+        load_report=report.to_dict() if report is not None else None,
+    )
     if built.lr_found is not None:
         built.lr_found.save(folder.lr_find)  # how optimizer.lr: auto was resolved
     if link:
@@ -137,13 +167,16 @@ def _restore(folder: RunFolder, built: Built) -> LoopState:
     built.runtime.load_scaler_state(saved["scaler"])
     restore_rng_state(saved["rng"])
     history = [row for row in folder.read_metrics() if row["epoch"] <= saved["epoch"]]
-    return LoopState(epoch=saved["epoch"], best_epoch=saved["best_epoch"],
-                     best_value=saved["best_value"], train_seconds=saved["train_seconds"],
-                     history=history)
+    return LoopState(
+        epoch=saved["epoch"],
+        best_epoch=saved["best_epoch"],
+        best_value=saved["best_value"],
+        train_seconds=saved["train_seconds"],
+        history=history,
+    )
 
 
-def _summary(folder: RunFolder, state: LoopState, built: Built, completed: bool
-             ) -> dict[str, Any]:
+def _summary(folder: RunFolder, state: LoopState, built: Built, completed: bool) -> dict[str, Any]:
     metric = built.recipe.output.save_best
     return {
         "status": "completed" if completed else "interrupted",
@@ -155,4 +188,3 @@ def _summary(folder: RunFolder, state: LoopState, built: Built, completed: bool
         "train_seconds": round(state.train_seconds, 3),
         "run_dir": str(folder.path),
     }
-

@@ -45,13 +45,16 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
     return read_checkpoint(path, key)[0]
 
 
-def read_checkpoint(path: str | Path, key: str | None = None
-                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_checkpoint(
+    path: str | Path, key: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``read_state_dict`` plus the nested keys it went through (``["state_dict"]``)."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path}: a folder; give a weights file (for a run folder, "
-                        "finetune.run_folder.weights_file finds its best/ weights)")
+        raise UserError(
+            f"{path}: a folder; give a weights file (for a run folder, "
+            "finetune.run_folder.weights_file finds its best/ weights)"
+        )
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -59,8 +62,9 @@ def read_checkpoint(path: str | Path, key: str | None = None
     elif path.suffix in TORCH_SUFFIXES:
         state = _read_torch(path)
     else:
-        raise UserError(f"{path}: unknown weights format; use .safetensors, "
-                        f"{', '.join(sorted(TORCH_SUFFIXES))}")
+        raise UserError(
+            f"{path}: unknown weights format; use .safetensors, {', '.join(sorted(TORCH_SUFFIXES))}"
+        )
     return _unwrap(state, path, key)
 
 
@@ -71,8 +75,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt "
-                        f"({error})") from None
+        raise UserError(
+            f"{path}: not a readable safetensors file, truncated or corrupt ({error})"
+        ) from None
 
 
 def _read_torch(path: Path) -> object:
@@ -81,24 +86,30 @@ def _read_torch(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only load failed" not in str(error).lower():
-            raise UserError(f"{path}: not a readable torch file, truncated or corrupt "
-                            f"({error})") from None
+            raise UserError(
+                f"{path}: not a readable torch file, truncated or corrupt ({error})"
+            ) from None
         # torch names the offending global ("Unsupported global: GLOBAL x.y", or "... GLOBAL
         # posix.system whose module posix is blocked"); quote that line.
-        culprit = next((line.strip().rstrip(".") for line in str(error).splitlines()
-                        if "GLOBAL" in line), "it references Python code")
+        culprit = next(
+            (line.strip().rstrip(".") for line in str(error).splitlines() if "GLOBAL" in line),
+            "it references Python code",
+        )
         raise UserError(
             f"{path}: refused to load: unpickling it would run code ({culprit}), which "
             "weights_only=True forbids. If you trust the file, re-save its weights as a plain "
             "state_dict or as .safetensors and load that."
         ) from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for a corrupt file
-        raise UserError(f"{path}: not a readable torch file, truncated or corrupt "
-                        f"({type(error).__name__}: {error})") from None
+        raise UserError(
+            f"{path}: not a readable torch file, truncated or corrupt "
+            f"({type(error).__name__}: {error})"
+        ) from None
 
 
-def _unwrap(state: object, path: Path, key: str | None
-            ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _unwrap(
+    state: object, path: Path, key: str | None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     trail: list[str] = []
     if key is not None:
         if not isinstance(state, Mapping) or not isinstance(state.get(key), Mapping):
@@ -116,8 +127,9 @@ def _unwrap(state: object, path: Path, key: str | None
         raise UserError(f"{path}: expected a state_dict, found {type(state).__name__}")
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise UserError(f"{path}: no state_dict found; top-level keys: "
-                        f"{sorted(map(str, state))[:10]}")
+        raise UserError(
+            f"{path}: no state_dict found; top-level keys: {sorted(map(str, state))[:10]}"
+        )
     return tensors, trail
 
 
@@ -143,8 +155,10 @@ class LoadReport:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {name: len(getattr(self, name))
-                for name in ("loaded", "missing", "unexpected", "mismatched", "excluded")}
+        return {
+            name: len(getattr(self, name))
+            for name in ("loaded", "missing", "unexpected", "mismatched", "excluded")
+        }
 
     @property
     def almost_nothing_loaded(self) -> bool:
@@ -159,8 +173,10 @@ class LoadReport:
             return None
         total = len(self.loaded) + len(self.missing)
         hint = f"; {self.suggestion}" if self.suggestion else ""
-        return (f"only {len(self.loaded)} of the model's {total} tensors were loaded from "
-                f"{self.source}: its keys do not match the model's{hint}")
+        return (
+            f"only {len(self.loaded)} of the model's {total} tensors were loaded from "
+            f"{self.source}: its keys do not match the model's{hint}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "counts": self.counts, "warning": self.warning}
@@ -223,8 +239,10 @@ def load_partial(
     report.loaded = sorted(to_load)
     report.missing = sorted(set(target) - set(to_load))
     if report.mismatched and on_shape_mismatch == "error":
-        shapes = [f"{m['key']}: file {m['file_shape']} vs model {m['model_shape']}"
-                  for m in report.mismatched]
+        shapes = [
+            f"{m['key']}: file {m['file_shape']} vs model {m['model_shape']}"
+            for m in report.mismatched
+        ]
         raise UserError(f"{name}: tensors with the wrong shape (on_shape_mismatch: error)", shapes)
     if strict:
         _check_strict(report, list(new_head))
@@ -234,25 +252,31 @@ def load_partial(
     return report
 
 
-def _strip_wrapper_prefix(state: dict[str, torch.Tensor], target: Mapping[str, Any],
-                          report: LoadReport) -> dict[str, torch.Tensor]:
+def _strip_wrapper_prefix(
+    state: dict[str, torch.Tensor], target: Mapping[str, Any], report: LoadReport
+) -> dict[str, torch.Tensor]:
     for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state) and not any(
-                k.startswith(prefix) for k in target):
+        if (
+            state
+            and all(k.startswith(prefix) for k in state)
+            and not any(k.startswith(prefix) for k in target)
+        ):
             report.notes.append(f"stripped the {prefix!r} prefix every key carried")
             state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
 
-def _renamed(state: Mapping[str, torch.Tensor], strip: tuple[str, ...], add: str,
-             rename: dict[str, str]) -> dict[str, torch.Tensor]:
+def _renamed(
+    state: Mapping[str, torch.Tensor], strip: tuple[str, ...], add: str, rename: dict[str, str]
+) -> dict[str, torch.Tensor]:
     patterns = []
     for pattern, replacement in rename.items():
         try:
             patterns.append((re.compile(pattern), replacement))
         except re.error as error:
-            raise UserError(f"model.load.rename: {pattern!r} is not a regular expression "
-                            f"({error})") from None
+            raise UserError(
+                f"model.load.rename: {pattern!r} is not a regular expression ({error})"
+            ) from None
     result: dict[str, torch.Tensor] = {}
     for original, tensor in state.items():
         key = original
@@ -262,15 +286,21 @@ def _renamed(state: Mapping[str, torch.Tensor], strip: tuple[str, ...], add: str
         for regex, replacement in patterns:
             key = regex.sub(replacement, key)
         if key in result:
-            raise UserError(f"model.load: two file keys become {key!r} after the renaming "
-                            f"rules (one of them is {original!r})")
+            raise UserError(
+                f"model.load: two file keys become {key!r} after the renaming "
+                f"rules (one of them is {original!r})"
+            )
         result[key] = tensor
     return result
 
 
-def _sort_keys(renamed: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-               include: list[str], exclude: list[str], report: LoadReport
-               ) -> dict[str, torch.Tensor]:
+def _sort_keys(
+    renamed: dict[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    include: list[str],
+    exclude: list[str],
+    report: LoadReport,
+) -> dict[str, torch.Tensor]:
     """Put each renamed file key in ``excluded``, ``unexpected``, ``mismatched`` or the result."""
     for rule, patterns in (("include", include), ("exclude", exclude)):
         for pattern in unmatched_patterns(patterns, renamed):
@@ -282,8 +312,13 @@ def _sort_keys(renamed: dict[str, torch.Tensor], target: Mapping[str, torch.Tens
         elif key not in target:
             report.unexpected.append(key)
         elif tensor.shape != target[key].shape:
-            report.mismatched.append({"key": key, "file_shape": list(tensor.shape),
-                                      "model_shape": list(target[key].shape)})
+            report.mismatched.append(
+                {
+                    "key": key,
+                    "file_shape": list(tensor.shape),
+                    "model_shape": list(target[key].shape),
+                }
+            )
         else:
             to_load[key] = tensor
     report.excluded.sort()
@@ -295,8 +330,11 @@ def _sort_keys(renamed: dict[str, torch.Tensor], target: Mapping[str, torch.Tens
 def _check_strict(report: LoadReport, new_head: list[str]) -> None:
     unloaded = [key for key in report.missing if not matches_any(key, new_head)]
     if unloaded:
-        raise UserError(f"{report.source}: strict load (model.load.strict) left "
-                        f"{len(unloaded)} of the model's tensors unloaded", unloaded[:20])
+        raise UserError(
+            f"{report.source}: strict load (model.load.strict) left "
+            f"{len(unloaded)} of the model's tensors unloaded",
+            unloaded[:20],
+        )
 
 
 def suggest_rule(file_state: Mapping[str, torch.Tensor], target: Mapping[str, Any]) -> str:
@@ -309,8 +347,9 @@ def suggest_rule(file_state: Mapping[str, torch.Tensor], target: Mapping[str, An
     strips = {p for p, _ in first_parts.most_common(3)} | set(COMMON_PREFIXES)
     model_parts = Counter(key.split(".", 1)[0] + "." for key in target if "." in key)
     adds = {p for p, _ in model_parts.most_common(3)} | set(COMMON_PREFIXES)
-    candidates = [(f"strip_prefix: [{p}]", lambda k, p=p: k.removeprefix(p))
-                  for p in sorted(strips)]
+    candidates = [
+        (f"strip_prefix: [{p}]", lambda k, p=p: k.removeprefix(p)) for p in sorted(strips)
+    ]
     candidates += [(f"add_prefix: {p}", lambda k, p=p: p + k) for p in sorted(adds)]
     best, best_hits = None, sum(k in target for k in file_state)
     for rule, change in candidates:
@@ -321,5 +360,7 @@ def suggest_rule(file_state: Mapping[str, torch.Tensor], target: Mapping[str, An
         return f"model.load: {{{best}}} would match {best_hits} of {len(file_state)} file keys"
     file_example = next(iter(file_state), "(none)")
     model_example = next(iter(target), "(none)")
-    return (f"no prefix rule helps: file keys look like {file_example!r}, model keys like "
-            f"{model_example!r}; try model.load.rename")
+    return (
+        f"no prefix rule helps: file keys look like {file_example!r}, model keys like "
+        f"{model_example!r}; try model.load.rename"
+    )

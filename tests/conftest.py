@@ -15,8 +15,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_image_folder(root: Path, classes: list[str], per_class: int, size: int = 20,
-                      seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, classes: list[str], per_class: int, size: int = 20, seed: int = 0
+) -> Path:
     """Class folders of PNG and JPEG images whose colour depends on the class (learnable)."""
     rng = np.random.default_rng(seed)
     for index, name in enumerate(classes):
@@ -76,9 +77,13 @@ def tiny_recipe(**sections) -> dict:
         "name": "tiny",
         "seed": 0,
         "model": {"backbone": "test_resnet", "num_classes": 3},
-        "data": {"train": {"type": "fake", "num_samples": 24, "num_classes": 3},
-                 "val": {"type": "fake", "num_samples": 12, "num_classes": 3, "seed": 1},
-                 "image_size": 32, "batch_size": 8, "num_workers": 0},
+        "data": {
+            "train": {"type": "fake", "num_samples": 24, "num_classes": 3},
+            "val": {"type": "fake", "num_samples": 12, "num_classes": 3, "seed": 1},
+            "image_size": 32,
+            "batch_size": 8,
+            "num_workers": 0,
+        },
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "train": {"epochs": 2, "device": "cpu"},
     }
@@ -95,9 +100,16 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``python -m finetune ARGS`` in a subprocess, as a user would run it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

@@ -47,23 +47,32 @@ def test_every_augmentation_runs_with_its_defaults(name):
     assert out.dtype == torch.float32 and tuple(out.shape) == (3, 32, 32)
 
 
-@pytest.mark.parametrize("item", [
-    {"hflip": 1.0}, {"rotate": [-30, 30]}, {"rotate90": [90, 270]}, {"resize": [48, 48]},
-    {"random_crop": {"padding": 4, "padding_mode": "reflect"}},
-    {"random_resized_crop": {"scale": [0.5, 1.0], "ratio": [0.9, 1.1]}},
-    {"color_jitter": {"brightness": 0.3, "hue": 0.1}}, {"autoaugment": "cifar10"},
-    {"randaugment": {"num_ops": 3, "magnitude": 5}}, {"gaussian_blur": {"kernel_size": 5}},
-    {"gaussian_noise": {"sigma": 0.05, "p": 0.5}},
-    {"random_erasing": {"p": 1.0, "value": "random"}},
-])
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"hflip": 1.0},
+        {"rotate": [-30, 30]},
+        {"rotate90": [90, 270]},
+        {"resize": [48, 48]},
+        {"random_crop": {"padding": 4, "padding_mode": "reflect"}},
+        {"random_resized_crop": {"scale": [0.5, 1.0], "ratio": [0.9, 1.1]}},
+        {"color_jitter": {"brightness": 0.3, "hue": 0.1}},
+        {"autoaugment": "cifar10"},
+        {"randaugment": {"num_ops": 3, "magnitude": 5}},
+        {"gaussian_blur": {"kernel_size": 5}},
+        {"gaussian_noise": {"sigma": 0.05, "p": 0.5}},
+        {"random_erasing": {"p": 1.0, "value": "random"}},
+    ],
+)
 def test_augmentations_take_their_usual_parameters(item):
     data = data_config(augment=[item])
     assert build_transforms(data, MEAN, STD, train=True)(image()).shape == (3, 32, 32)
 
 
 def test_stages_run_in_a_fixed_order_whatever_the_list_order():
-    data = data_config(augment=["random_erasing", "gaussian_noise", "color_jitter", "hflip",
-                                "random_resized_crop"])
+    data = data_config(
+        augment=["random_erasing", "gaussian_noise", "color_jitter", "hflip", "random_resized_crop"]
+    )
     kinds = [type(step).__name__ for step in build_transforms(data, MEAN, STD, True).transforms]
     assert kinds[:3] == ["ToImage", "RejectNormalized", "RandomResizedCrop"]
     order = {kind: kinds.index(kind) for kind in kinds}
@@ -87,15 +96,17 @@ def test_rotate90_turns_exactly():
     data = data_config(augment=[{"rotate90": [90]}], crop_pct=1.0, image_size=30)
     square = image(30, 30)
     out = build_transforms(data, None, None, train=True)(square)
-    plain = build_transforms(data_config(augment=[], crop_pct=1.0, image_size=30), None, None,
-                             train=True)(square)
+    plain = build_transforms(
+        data_config(augment=[], crop_pct=1.0, image_size=30), None, None, train=True
+    )(square)
     assert torch.equal(out, torch.rot90(plain, k=1, dims=(-2, -1)))
 
 
 def test_mixup_and_cutmix_mix_the_batch_in_collate():
     torch.manual_seed(0)
-    collate = build_batch_transform([{"hflip": {}}, {"mixup": {"alpha": 0.4}}, {"cutmix": {}}],
-                                    num_classes=4)
+    collate = build_batch_transform(
+        [{"hflip": {}}, {"mixup": {"alpha": 0.4}}, {"cutmix": {}}], num_classes=4
+    )
     batch = [(torch.rand(3, 8, 8), label) for label in (0, 1, 2, 3, 1, 2)]
     images, labels = collate(batch)
     assert images.shape == (6, 3, 8, 8) and labels.shape == (6, 4)
@@ -108,37 +119,48 @@ def test_mixup_and_cutmix_mix_the_batch_in_collate():
 
 
 def test_soft_labels_with_label_smoothing_give_a_finite_loss():
-    _, labels = build_batch_transform([{"mixup": {}}], 3)([(torch.rand(3, 4, 4), i % 3)
-                                                            for i in range(4)])
-    loss = torch.nn.functional.cross_entropy(torch.randn(4, 3), labels, label_smoothing=0.1,
-                                             weight=torch.tensor([1.0, 2.0, 0.5]))
+    _, labels = build_batch_transform([{"mixup": {}}], 3)(
+        [(torch.rand(3, 4, 4), i % 3) for i in range(4)]
+    )
+    loss = torch.nn.functional.cross_entropy(
+        torch.randn(4, 3), labels, label_smoothing=0.1, weight=torch.tensor([1.0, 2.0, 0.5])
+    )
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("augment, message", [
-    ([{"hflip": {"p": 2}}], "data.augment: hflip.p: Input should be less than or equal to 1"),
-    ([{"rotate": [30, 10]}], "rotate.degrees: a range is [min, max] with min <= max"),
-    ([{"rotate90": [0, 45]}], "rotate90.angles.1: Input should be 0, 90, 180 or 270"),
-    ([{"gaussian_blur": {"kernel_size": 4}}], "gaussian_blur.kernel_size: the kernel size must"),
-    ([{"color_jitter": {"hue": 0.7}}], "color_jitter.hue: Input should be less than or equal"),
-    ([{"random_erasing": {"area": 0.1}}], "random_erasing has no option ['area']"),
-    (["random_resized_crop", {"random_crop": 4}], "random_resized_crop already resizes and "
-                                                   "crops; drop random_crop"),
-    (["hflip", "hflip"], "listed more than once: hflip"),
-    (["normalize"], "normalize is not an augmentation: data.normalize applies it once"),
-])
+@pytest.mark.parametrize(
+    "augment, message",
+    [
+        ([{"hflip": {"p": 2}}], "data.augment: hflip.p: Input should be less than or equal to 1"),
+        ([{"rotate": [30, 10]}], "rotate.degrees: a range is [min, max] with min <= max"),
+        ([{"rotate90": [0, 45]}], "rotate90.angles.1: Input should be 0, 90, 180 or 270"),
+        (
+            [{"gaussian_blur": {"kernel_size": 4}}],
+            "gaussian_blur.kernel_size: the kernel size must",
+        ),
+        ([{"color_jitter": {"hue": 0.7}}], "color_jitter.hue: Input should be less than or equal"),
+        ([{"random_erasing": {"area": 0.1}}], "random_erasing has no option ['area']"),
+        (
+            ["random_resized_crop", {"random_crop": 4}],
+            "random_resized_crop already resizes and crops; drop random_crop",
+        ),
+        (["hflip", "hflip"], "listed more than once: hflip"),
+        (["normalize"], "normalize is not an augmentation: data.normalize applies it once"),
+    ],
+)
 def test_bad_augmentations_name_the_key(augment, message):
     lines = problems(augment=augment)
     assert len(lines) == 1 and message in lines[0], lines
 
 
 def test_eval_transforms_must_be_deterministic_and_stats_on_the_unit_scale():
-    assert "evaluation transforms must be deterministic" in problems(
-        eval_transforms=["hflip"])[0]
+    assert "evaluation transforms must be deterministic" in problems(eval_transforms=["hflip"])[0]
     line = problems(normalize={"mean": [124, 116, 104], "std": [58, 57, 57]})[0]
     assert line.startswith("data.normalize: mean and std are on the 0-1 pixel scale")
-    assert "data.normalize: expected auto | imagenet | dataset | none" in problems(
-        normalize="datset")[0]
+    assert (
+        "data.normalize: expected auto | imagenet | dataset | none"
+        in problems(normalize="datset")[0]
+    )
 
 
 def test_already_normalised_input_is_refused():
@@ -241,6 +263,7 @@ def test_resize_and_center_crop_give_the_asked_sizes_and_the_centre():
     shorter = _pipeline([{"resize": 16}, {"center_crop": 16}])(picture)
     assert shorter.shape == (3, 16, 16) and torch.all(shorter[:, 5:11, 5:11] == 1.0)
     assert _pipeline([{"resize": 16}])(picture).shape == (3, 32, 32)
-    evaluation = build_transforms(Recipe.from_dict(tiny_recipe(data={"image_size": 20})).data,
-                                  None, None, train=False)
+    evaluation = build_transforms(
+        Recipe.from_dict(tiny_recipe(data={"image_size": 20})).data, None, None, train=False
+    )
     assert evaluation(picture).shape == (3, 20, 20)  # resize to 20 / 0.875, centre crop 20

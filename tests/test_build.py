@@ -17,7 +17,8 @@ from tests.conftest import tiny_recipe
 
 UNFREEZING = tiny_recipe(
     freeze={"until": "layer3", "unfreeze": [{"epoch": 2, "patterns": ["layer2.*"], "lr": 0.01}]},
-    train={"epochs": 3, "device": "cpu", "grad_accum_steps": 2})
+    train={"epochs": 3, "device": "cpu", "grad_accum_steps": 2},
+)
 
 
 def test_build_holds_every_group_the_run_will_train_from_the_start():
@@ -51,12 +52,19 @@ def test_the_same_recipe_builds_the_same_head_with_or_without_data():
         assert torch.equal(value, trained[key]), key
 
 
-@pytest.mark.parametrize("sections, message", [
-    ({"model": {"backbone": "test_resnet", "num_classes": 4}},
-     "model.num_classes is 4 but data.train has 3 classes"),
-    ({"scheduler": {"name": "plateau", "monitor": "val/top5"}},
-     "scheduler.monitor: val/top5 is only logged with 5 or more classes"),
-])
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        (
+            {"model": {"backbone": "test_resnet", "num_classes": 4}},
+            "model.num_classes is 4 but data.train has 3 classes",
+        ),
+        (
+            {"scheduler": {"name": "plateau", "monitor": "val/top5"}},
+            "scheduler.monitor: val/top5 is only logged with 5 or more classes",
+        ),
+    ],
+)
 def test_build_refuses_what_does_not_fit_the_data(sections, message):
     with pytest.raises(UserError, match=message):
         build(Recipe.from_dict(tiny_recipe(**sections)))

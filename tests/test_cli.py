@@ -17,9 +17,11 @@ from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from finetune.cli import app; import typer.testing as t; "
-            "r = t.CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from finetune.cli import app; import typer.testing as t; "
+        "r = t.CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -31,12 +33,18 @@ def test_validate_ok(tmp_path):
     assert result.stdout.startswith("ok")
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"optimizer": {"lr": 0.1, "momentun": 0.9}}, "did you mean 'momentum'"),
-    ({"train": {"epochs": "three"}}, "train.epochs:"),
-    ({"data": {"train": {"type": "imagefolder", "root": "/no/such/folder"}}}, "data.train.root"),
-    ({"colour": 1}, "colour: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"optimizer": {"lr": 0.1, "momentun": 0.9}}, "did you mean 'momentum'"),
+        ({"train": {"epochs": "three"}}, "train.epochs:"),
+        (
+            {"data": {"train": {"type": "imagefolder", "root": "/no/such/folder"}}},
+            "data.train.root",
+        ),
+        ({"colour": 1}, "colour: unknown key"),
+    ],
+)
 def test_bad_recipe_exits_2_without_traceback_or_run_folder(tmp_path, change, expected):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**change))
     for command in ("validate", "run"):
@@ -56,27 +64,45 @@ def test_unknown_backbone_suggests_timm_names(tmp_path):
 
 
 def test_run_writes_the_whole_run_folder(tmp_path, image_folder):
-    recipe = tiny_recipe(data={"train": {"type": "imagefolder", "root": str(image_folder)},
-                               "val": None, "val_split": 0.34})
+    recipe = tiny_recipe(
+        data={
+            "train": {"type": "imagefolder", "root": str(image_folder)},
+            "val": None,
+            "val_split": 0.34,
+        }
+    )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run_dir = tmp_path / "run"
     result = run_cli("run", str(path), "--set", "train.epochs=1", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(run_dir)
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "classes.json",
-                 "last/model.safetensors", "last/state.pt", "best/model.safetensors",
-                 "best/state.pt", "plots/curves.png"):
+    for name in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "classes.json",
+        "last/model.safetensors",
+        "last/state.pt",
+        "best/model.safetensors",
+        "best/state.pt",
+        "plots/curves.png",
+    ):
         assert (run_dir / name).is_file(), name
     model_link = run_dir / "model.safetensors"  # `pretrained: <run>/model.safetensors` works
-    assert model_link.is_symlink() and model_link.resolve() == (run_dir / "best" /
-                                                                 "model.safetensors").resolve()
+    assert (
+        model_link.is_symlink()
+        and model_link.resolve() == (run_dir / "best" / "model.safetensors").resolve()
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["epoch"] == 1 and 0 <= summary["best"]["val/top1"] <= 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1]
     assert {"train/loss", "val/loss", "val/top1", "lr", "seconds", "img_per_s"} <= set(rows[0])
-    assert json.loads((run_dir / "classes.json").read_text()) == {"0": "cat", "1": "dog",
-                                                                  "2": "fox"}
+    assert json.loads((run_dir / "classes.json").read_text()) == {
+        "0": "cat",
+        "1": "dog",
+        "2": "fox",
+    }
     resolved = (run_dir / "recipe.yaml").read_text()
     assert "epochs: 1" in resolved and "grad_accum_steps: 1" in resolved  # defaults written
     state = torch.load(run_dir / "last" / "state.pt", weights_only=True)
@@ -92,8 +118,10 @@ def test_a_copied_run_folder_gets_its_model_link_back(tmp_path):
     (folder.path / "model.safetensors").write_bytes(b"a dereferenced copy")
     folder.save_checkpoint("best", torch.nn.Linear(2, 2), {"epoch": 1})
     link = folder.path / "model.safetensors"
-    assert link.is_symlink() and link.resolve() == (folder.path / "best" /
-                                                    "model.safetensors").resolve()
+    assert (
+        link.is_symlink()
+        and link.resolve() == (folder.path / "best" / "model.safetensors").resolve()
+    )
 
 
 def test_default_run_folder_and_latest_link(tmp_path):
@@ -110,20 +138,27 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    recipe = tiny_recipe(data={"train": {"type": "fake", "num_samples": 256, "num_classes": 3},
-                               "augment": ["hflip", {"random_crop": 4}]},
-                         model={"backbone": "test_resnet", "num_classes": 3,
-                                "head": {"dropout": 0.3}},
-                         train={"epochs": 3, "device": "cpu"},
-                         scheduler={"name": "cosine", "warmup_epochs": 1})
+    recipe = tiny_recipe(
+        data={
+            "train": {"type": "fake", "num_samples": 256, "num_classes": 3},
+            "augment": ["hflip", {"random_crop": 4}],
+        },
+        model={"backbone": "test_resnet", "num_classes": 3, "head": {"dropout": 0.3}},
+        train={"epochs": 3, "device": "cpu"},
+        scheduler={"name": "cosine", "warmup_epochs": 1},
+    )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     straight = tmp_path / "straight"
     assert run_cli("run", str(path), "--run-dir", str(straight)).returncode == 0
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(path),
-                                "--run-dir", str(interrupted)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "run", str(path), "--run-dir", str(interrupted)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = interrupted / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
@@ -143,8 +178,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
-    straight_rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text()
-                     .splitlines()]
+    straight_rows = [
+        json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [row["lr"] for row in rows] == pytest.approx([row["lr"] for row in straight_rows])
 
 
@@ -161,21 +197,27 @@ def test_bare_resume_continues_the_recipes_latest_run(tmp_path):
     first = run_cli("run", str(path), "--set", f"output.dir={out}")
     assert first.returncode == 0, first.stderr
     run_dir = first.stdout.strip().splitlines()[-1]
-    resumed = run_cli("run", str(path), "--set", f"output.dir={out}", "--resume",
-                      "--set", "train.epochs=2")
+    resumed = run_cli(
+        "run", str(path), "--set", f"output.dir={out}", "--resume", "--set", "train.epochs=2"
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == str(Path(run_dir).resolve())
     rows = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(row)["epoch"] for row in rows] == [1, 2]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["run", "r.yaml", "--resume"], ["run", "r.yaml", "--resume=latest"]),
-    (["run", "r.yaml", "--resume", "--nproc", "2"], ["run", "r.yaml", "--resume=latest",
-                                                      "--nproc", "2"]),
-    (["run", "r.yaml", "--resume", "runs/a"], ["run", "r.yaml", "--resume", "runs/a"]),
-    (["run", "r.yaml", "--resume=runs/a"], ["run", "r.yaml", "--resume=runs/a"]),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "r.yaml", "--resume"], ["run", "r.yaml", "--resume=latest"]),
+        (
+            ["run", "r.yaml", "--resume", "--nproc", "2"],
+            ["run", "r.yaml", "--resume=latest", "--nproc", "2"],
+        ),
+        (["run", "r.yaml", "--resume", "runs/a"], ["run", "r.yaml", "--resume", "runs/a"]),
+        (["run", "r.yaml", "--resume=runs/a"], ["run", "r.yaml", "--resume=runs/a"]),
+    ],
+)
 def test_bare_resume_gets_the_value_latest(argv, expected):
     from finetune.cli import with_resume_value
 
@@ -189,9 +231,13 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
 
     tmp = tmp_path_factory.mktemp("trained")
     images = make_image_folder(tmp / "images", ["cat", "dog", "fox"], per_class=8)
-    recipe = tiny_recipe(data={"train": {"type": "imagefolder", "root": str(images)},
-                               "val": {"type": "imagefolder", "root": str(images)}},
-                         train={"epochs": 3, "device": "cpu"})
+    recipe = tiny_recipe(
+        data={
+            "train": {"type": "imagefolder", "root": str(images)},
+            "val": {"type": "imagefolder", "root": str(images)},
+        },
+        train={"epochs": 3, "device": "cpu"},
+    )
     path = write_recipe(tmp / "r.yaml", recipe)
     result = run_cli("run", str(path), "--run-dir", str(tmp / "run"))
     assert result.returncode == 0, result.stderr
@@ -207,8 +253,11 @@ def test_eval_reports_metrics_per_class(trained_run):
     assert set(report["per_class"]) == {"cat", "dog", "fox"}
     summary = json.loads((run_dir / "summary.json").read_text())
     # The same images were the validation set: eval must reproduce the run's own number.
-    best_row = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
-                    .splitlines() if json.loads(line)["epoch"] == summary["best"]["epoch"])
+    best_row = next(
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["epoch"] == summary["best"]["epoch"]
+    )
     assert report["top1"] == pytest.approx(best_row["val/top1"])
     assert report["loss"] == pytest.approx(best_row["val/loss"], rel=1e-4)
 
@@ -248,9 +297,14 @@ def test_test_split_is_scored_with_the_best_weights(tmp_path):
 
     train = make_image_folder(tmp_path / "train", ["cat", "dog", "fox"], per_class=6)
     test = make_image_folder(tmp_path / "test", ["cat", "dog", "fox"], per_class=3, seed=5)
-    recipe = tiny_recipe(data={"train": {"type": "imagefolder", "root": str(train)},
-                               "val": None, "val_split": 0.34,
-                               "test": {"type": "imagefolder", "root": str(test)}})
+    recipe = tiny_recipe(
+        data={
+            "train": {"type": "imagefolder", "root": str(train)},
+            "val": None,
+            "val_split": 0.34,
+            "test": {"type": "imagefolder", "root": str(test)},
+        }
+    )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run_dir = tmp_path / "run"
     result = run_cli("run", str(path), "--run-dir", str(run_dir))

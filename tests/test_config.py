@@ -32,18 +32,27 @@ def test_every_source_class_has_a_way_to_open_it():
 
 def test_augmentations_are_typed_objects_written_back_as_given():
     data = Recipe.from_dict(tiny_recipe(data={"augment": ["hflip", {"rotate": 15}]})).data
-    assert data.augment == [parse_augmentation("hflip"),
-                            Augmentation("rotate", RotateArgs(degrees=15))]
+    assert data.augment == [
+        parse_augmentation("hflip"),
+        Augmentation("rotate", RotateArgs(degrees=15)),
+    ]
     assert data.augment[1].args.degrees == 15.0 and data.augment[1].args.fill == 0
-    assert [item.to_dict() for item in data.augment] == [{"hflip": {}},
-                                                         {"rotate": {"degrees": 15.0}}]
+    assert [item.to_dict() for item in data.augment] == [
+        {"hflip": {}},
+        {"rotate": {"degrees": 15.0}},
+    ]
     assert data.model_dump()["augment"] == [{"hflip": {}}, {"rotate": {"degrees": 15.0}}]
 
 
 def test_python_dump_of_a_recipe_validates_back_to_it():
-    recipe = Recipe.from_dict(tiny_recipe(data={
-        "augment": [{"random_resized_crop": {"scale": [0.5, 1]}}, {"mixup": 0.2}],
-        "eval_transforms": [{"resize": [40, 40]}]}))
+    recipe = Recipe.from_dict(
+        tiny_recipe(
+            data={
+                "augment": [{"random_resized_crop": {"scale": [0.5, 1]}}, {"mixup": 0.2}],
+                "eval_transforms": [{"resize": [40, 40]}],
+            }
+        )
+    )
     assert Recipe.from_dict(recipe.model_dump()) == recipe
 
 
@@ -58,10 +67,14 @@ def test_batch_transform_takes_typed_or_plain_augmentations():
 def test_classes_are_counted_from_the_recipe_alone(tmp_path):
     assert count_classes(FakeSource(type="fake", num_classes=5)) == 5
     assert count_classes(DigitsSource(type="digits", classes=[3, 1, 4])) == 3
-    with pytest.raises(UserError, match="model.num_classes: needed to plan without reading the "
-                                        "csv data"):
-        count_classes(Recipe.from_dict(tiny_recipe(data={"train": {
-            "type": "csv", "path": str(tmp_path)}})).data.train)
+    with pytest.raises(
+        UserError, match="model.num_classes: needed to plan without reading the csv data"
+    ):
+        count_classes(
+            Recipe.from_dict(
+                tiny_recipe(data={"train": {"type": "csv", "path": str(tmp_path)}})
+            ).data.train
+        )
 
 
 def test_the_schema_does_not_import_torch():

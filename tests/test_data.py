@@ -36,11 +36,14 @@ def _data(train: dict, **data) -> Recipe:
 
 
 # ------------------------------------------------------------------ checks before training
-@pytest.mark.parametrize("layout, message", [
-    ({"cat": 2, "dog": 0}, "class folder {root}/dog has no images"),
-    ({"cat": 3}, "found 1 class (cat)"),
-    ({}, "{root} has no class folders"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"cat": 2, "dog": 0}, "class folder {root}/dog has no images"),
+        ({"cat": 3}, "found 1 class (cat)"),
+        ({}, "{root} has no class folders"),
+    ],
+)
 def test_folder_problems_fail_before_training_naming_the_folder(tmp_path, layout, message):
     root = tmp_path / "data"
     root.mkdir()
@@ -56,9 +59,14 @@ def test_folder_problems_fail_before_training_naming_the_folder(tmp_path, layout
 def test_train_and_val_with_other_classes_fail_naming_both(tmp_path):
     train = make_image_folder(tmp_path / "train", ["cat", "dog"], per_class=2)
     val = make_image_folder(tmp_path / "val", ["cat", "wolf"], per_class=2)
-    data = Recipe.from_dict(tiny_recipe(data={
-        "train": {"type": "imagefolder", "root": str(train)},
-        "val": {"type": "imagefolder", "root": str(val)}})).data
+    data = Recipe.from_dict(
+        tiny_recipe(
+            data={
+                "train": {"type": "imagefolder", "root": str(train)},
+                "val": {"type": "imagefolder", "root": str(val)},
+            }
+        )
+    ).data
     with pytest.raises(UserError) as caught:
         build_datasets(data, seed=0)
     text = str(caught.value)
@@ -81,31 +89,48 @@ def _fake_mnist(root: Path, count: int = 12) -> None:
     for prefix in ("train", "t10k"):
         images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-            struct.pack(">IIII", 2051, count, 28, 28) + images.tobytes())
+            struct.pack(">IIII", 2051, count, 28, 28) + images.tobytes()
+        )
         labels = (np.arange(count) % 10).astype(np.uint8)
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            struct.pack(">II", 2049, count) + labels.tobytes())
+            struct.pack(">II", 2049, count) + labels.tobytes()
+        )
 
 
 def test_torchvision_dataset_by_name_from_local_files(tmp_path):
     _fake_mnist(tmp_path)
-    data = Recipe.from_dict(tiny_recipe(data={
-        "train": {"type": "torchvision", "name": "MNIST", "root": str(tmp_path)},
-        "val": {"type": "torchvision", "name": "MNIST", "root": str(tmp_path), "split": "test"},
-        "normalize": "imagenet"})).data
+    data = Recipe.from_dict(
+        tiny_recipe(
+            data={
+                "train": {"type": "torchvision", "name": "MNIST", "root": str(tmp_path)},
+                "val": {
+                    "type": "torchvision",
+                    "name": "MNIST",
+                    "root": str(tmp_path),
+                    "split": "test",
+                },
+                "normalize": "imagenet",
+            }
+        )
+    ).data
     datasets = build_datasets(data, seed=0)
     assert len(datasets.classes) == 10 and datasets.classes[0] == "0 - zero"
     image, label = datasets.train[3]
     assert image.shape == (3, 32, 32) and label == 3  # greyscale made RGB, then transformed
 
 
-@pytest.mark.parametrize("source, message", [
-    ({"name": "CIFAR10"}, "found no usable files under {root}"),
-    ({"name": "CIFAR10"}, "download=True"),
-    ({"name": "CIFAR11"}, "data.train.name: torchvision has no dataset 'CIFAR11'; close names: "
-                          "CIFAR10"),
-    ({"name": "MNIST", "split": "val"}, "data.train.split: MNIST has splits train and test"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({"name": "CIFAR10"}, "found no usable files under {root}"),
+        ({"name": "CIFAR10"}, "download=True"),
+        (
+            {"name": "CIFAR11"},
+            "data.train.name: torchvision has no dataset 'CIFAR11'; close names: CIFAR10",
+        ),
+        ({"name": "MNIST", "split": "val"}, "data.train.split: MNIST has splits train and test"),
+    ],
+)
 def test_torchvision_dataset_errors_say_what_to_do(tmp_path, source, message):
     data = _data({"type": "torchvision", "root": str(tmp_path), **source})
     with pytest.raises(UserError) as caught:
@@ -120,8 +145,9 @@ def test_truncated_image_fails_with_its_path_also_from_a_worker(odd_folder):
     bad = next(i for i, (path, _) in enumerate(split.source.samples) if path == files["truncated"])
     with pytest.raises(BadImageError, match=f"^{files['truncated']}: cannot read this image"):
         split[bad]
-    loader = build_loader(Split(split.source, [bad]), batch_size=1, train=False, num_workers=1,
-                          pin_memory=False)
+    loader = build_loader(
+        Split(split.source, [bad]), batch_size=1, train=False, num_workers=1, pin_memory=False
+    )
     with pytest.raises(BadImageError) as caught:
         next(iter(loader))
     message = str(caught.value)
@@ -141,8 +167,9 @@ def test_skip_replaces_a_bad_image_and_counts_it_each_epoch(odd_folder):
             sizes = [len(labels) for _, labels in loader]
         assert sum(sizes) == len(train)  # the bad image was replaced, not dropped
         assert skipped_images(train=loader) == {"train/skipped_images": 1}
-    strict = build_loader(Split(train.source), batch_size=4, train=False, num_workers=0,
-                          pin_memory=False)
+    strict = build_loader(
+        Split(train.source), batch_size=4, train=False, num_workers=0, pin_memory=False
+    )
     assert skipped_images(train=strict) == {}  # nothing counted unless skipping is on
 
 
@@ -185,13 +212,24 @@ def test_class_weights():
 
 
 def test_loader_options_and_seeded_workers(image_folder):
-    data = _data({"type": "imagefolder", "root": str(image_folder)}, augment=["trivialaugment"],
-                 normalize="none")
+    data = _data(
+        {"type": "imagefolder", "root": str(image_folder)},
+        augment=["trivialaugment"],
+        normalize="none",
+    )
     train = build_datasets(data, seed=0).train
 
     def first_batch(seed: int) -> torch.Tensor:
-        loader = build_loader(train, batch_size=4, train=False, num_workers=1, pin_memory=False,
-                              seed=seed, prefetch_factor=3, persistent_workers=False)
+        loader = build_loader(
+            train,
+            batch_size=4,
+            train=False,
+            num_workers=1,
+            pin_memory=False,
+            seed=seed,
+            prefetch_factor=3,
+            persistent_workers=False,
+        )
         assert loader.prefetch_factor == 3 and not loader.persistent_workers
         return next(iter(loader))[0]
 
@@ -208,13 +246,22 @@ def test_a_run_with_every_data_feature(tmp_path, odd_folder):
     from finetune.training import run
 
     root, _ = odd_folder
-    recipe = Recipe.from_dict(tiny_recipe(
-        data={"train": {"type": "imagefolder", "root": str(root)}, "val": None,
-              "val_split": 0.3, "on_bad_image": "skip", "normalize": "dataset",
-              "class_weights": "balanced", "augment": ["hflip", "mixup", {"cutmix": 0.5}],
-              "batch_size": 4},  # every training image is used: none dropped with the last batch
-        model={"backbone": "test_resnet"}, train={"epochs": 1, "device": "cpu",
-                                                   "label_smoothing": 0.1}))
+    recipe = Recipe.from_dict(
+        tiny_recipe(
+            data={
+                "train": {"type": "imagefolder", "root": str(root)},
+                "val": None,
+                "val_split": 0.3,
+                "on_bad_image": "skip",
+                "normalize": "dataset",
+                "class_weights": "balanced",
+                "augment": ["hflip", "mixup", {"cutmix": 0.5}],
+                "batch_size": 4,
+            },  # every training image is used: none dropped with the last batch
+            model={"backbone": "test_resnet"},
+            train={"epochs": 1, "device": "cpu", "label_smoothing": 0.1},
+        )
+    )
     with pytest.warns(UserWarning, match="skipped: .*truncated.jpg"):
         result = run(recipe, run_dir=tmp_path / "run")
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())

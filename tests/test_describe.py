@@ -18,12 +18,23 @@ from finetune.recipe import Recipe
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 SURGERY = {
-    "freeze": {"until": "layer3", "patterns": ["layer4.0.conv1.*"], "batchnorm": "frozen",
-               "unfreeze": [{"epoch": 3, "patterns": ["layer2.*"], "lr": 1.0e-3},
-                            {"epoch": 5, "patterns": ["layer1.*"]}]},
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1.0e-4,
-                  "no_decay": True, "param_groups": [{"match": "fc.*", "lr": 0.5},
-                                                     {"match": "layer4.*", "lr_mult": 0.1}]},
+    "freeze": {
+        "until": "layer3",
+        "patterns": ["layer4.0.conv1.*"],
+        "batchnorm": "frozen",
+        "unfreeze": [
+            {"epoch": 3, "patterns": ["layer2.*"], "lr": 1.0e-3},
+            {"epoch": 5, "patterns": ["layer1.*"]},
+        ],
+    },
+    "optimizer": {
+        "name": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 1.0e-4,
+        "no_decay": True,
+        "param_groups": [{"match": "fc.*", "lr": 0.5}, {"match": "layer4.*", "lr_mult": 0.1}],
+    },
     "train": {"epochs": 6, "device": "cpu"},
 }
 
@@ -37,8 +48,11 @@ def _independent_counts() -> dict[str, int]:
     """What the plan must say, from a fresh timm model's named_parameters()."""
     model = timm.create_model("test_resnet", num_classes=3)
     named = dict(model.named_parameters())
-    frozen = {n for n in named if n.startswith(("conv1.", "bn1.", "layer1.", "layer2.",
-                                                "layer4.0.conv1."))}
+    frozen = {
+        n
+        for n in named
+        if n.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer4.0.conv1."))
+    }
     return {
         "frozen_params": sum(named[n].numel() for n in frozen),
         "trainable_params": sum(p.numel() for n, p in named.items() if n not in frozen),
@@ -58,8 +72,14 @@ def test_plan_counts_equal_counts_from_named_parameters():
     assert sum(g["params"] for g in info["groups"]) == expected["trainable_params"]
     assert sum(g["tensors"] for g in info["groups"]) == expected["trainable_tensors"]
     groups = {g["name"]: g for g in info["groups"]}
-    assert set(groups) == {"default", "default/no_decay", "layer4.*", "layer4.*/no_decay",
-                           "fc.*", "fc.*/no_decay"}
+    assert set(groups) == {
+        "default",
+        "default/no_decay",
+        "layer4.*",
+        "layer4.*/no_decay",
+        "fc.*",
+        "fc.*/no_decay",
+    }
     assert groups["fc.*"]["params"] + groups["fc.*/no_decay"]["params"] == expected["fc_params"]
     assert (groups["fc.*"]["lr"], groups["fc.*/no_decay"]["weight_decay"]) == (0.5, 0.0)
     assert groups["layer4.*"]["lr"] == pytest.approx(0.005)
@@ -75,32 +95,51 @@ def test_plan_prints_every_section():
     console = Console(record=True, width=120)
     print_plan(plan(Recipe.from_dict(tiny_recipe(**SURGERY))), console)
     text = console.export_text()
-    for expected in ("test_resnet: ", "random initialisation", "parameter groups",
-                     "layer4.*/no_decay", "frozen: conv1 (", "BatchNorm: frozen",
-                     "unfreeze at the start of epoch 3: layer2.*",
-                     "unfreeze@3/default/no_decay"):
+    for expected in (
+        "test_resnet: ",
+        "random initialisation",
+        "parameter groups",
+        "layer4.*/no_decay",
+        "frozen: conv1 (",
+        "BatchNorm: frozen",
+        "unfreeze at the start of epoch 3: layer2.*",
+        "unfreeze@3/default/no_decay",
+    ):
         assert expected in text, expected
 
 
 def test_plan_takes_num_classes_from_an_image_folder(image_folder):
-    recipe = tiny_recipe(model={"backbone": "test_resnet"},
-                         data={"train": {"type": "imagefolder", "root": str(image_folder)}})
+    recipe = tiny_recipe(
+        model={"backbone": "test_resnet"},
+        data={"train": {"type": "imagefolder", "root": str(image_folder)}},
+    )
     built = plan(Recipe.from_dict(recipe))
     assert built.num_classes == 3 and built.network.model.fc.out_features == 3
 
 
 def test_plan_needs_a_number_for_the_lr():
     with pytest.raises(UserError, match="optimizer.lr: 'auto' is found when training starts"):
-        plan(Recipe.from_dict(tiny_recipe()).model_copy(
-            update={"optimizer": Recipe.from_dict(tiny_recipe()).optimizer.model_copy(
-                update={"lr": "auto"})}))
+        plan(
+            Recipe.from_dict(tiny_recipe()).model_copy(
+                update={
+                    "optimizer": Recipe.from_dict(tiny_recipe()).optimizer.model_copy(
+                        update={"lr": "auto"}
+                    )
+                }
+            )
+        )
 
 
 def test_load_report_warns_loudly_when_almost_nothing_matches(tmp_path):
     state = {f"encoder.{k}": v for k, v in timm.create_model("test_resnet").state_dict().items()}
     save_file(state, tmp_path / "w.safetensors")
-    recipe = tiny_recipe(model={"backbone": "test_resnet", "num_classes": 3,
-                                "pretrained": str(tmp_path / "w.safetensors")})
+    recipe = tiny_recipe(
+        model={
+            "backbone": "test_resnet",
+            "num_classes": 3,
+            "pretrained": str(tmp_path / "w.safetensors"),
+        }
+    )
     built = plan(Recipe.from_dict(recipe))
     console = Console(record=True, width=200)
     print_load_report(built.network.load_report, console)
@@ -112,10 +151,17 @@ def test_load_report_warns_loudly_when_almost_nothing_matches(tmp_path):
 def _weights_with_another_head(tmp_path) -> tuple[dict, dict]:
     """A DataParallel-style weights file of a 10-class model, and a 3-class recipe loading it."""
     source = timm.create_model("test_resnet", num_classes=10)
-    save_file({f"module.{k}": v for k, v in source.state_dict().items()},
-              tmp_path / "w.safetensors")
-    recipe = tiny_recipe(**SURGERY, model={"backbone": "test_resnet", "num_classes": 3,
-                                           "pretrained": str(tmp_path / "w.safetensors")})
+    save_file(
+        {f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "w.safetensors"
+    )
+    recipe = tiny_recipe(
+        **SURGERY,
+        model={
+            "backbone": "test_resnet",
+            "num_classes": 3,
+            "pretrained": str(tmp_path / "w.safetensors"),
+        },
+    )
     return source.state_dict(), recipe
 
 
@@ -146,18 +192,21 @@ def test_plan_json_from_the_cli(tmp_path):
     assert load["missing"] == ["fc.bias", "fc.weight"] and load["unexpected"] == []
     assert load["mismatched"] == [
         {"key": "fc.bias", "file_shape": [10], "model_shape": [3]},
-        {"key": "fc.weight", "file_shape": [10, 96], "model_shape": [3, 96]}]
+        {"key": "fc.weight", "file_shape": [10, 96], "model_shape": [3, 96]},
+    ]
     assert len(load["loaded"]) == len(state) - 2
     assert info["batchnorm"]["policy"] == "frozen"
     assert [stage["epoch"] for stage in info["unfreeze"]] == [3, 5]
 
 
-
 def test_plan_previews_each_group_schedule_with_torch_values(tmp_path):
-    recipe = Recipe.from_dict(tiny_recipe(
-        optimizer={"name": "sgd", "lr": 0.1, "param_groups": [{"match": "fc.*", "lr": 1.0}]},
-        scheduler={"name": "cosine", "warmup_epochs": 2, "warmup_start_factor": 0.5},
-        train={"epochs": 10, "device": "cpu"}))
+    recipe = Recipe.from_dict(
+        tiny_recipe(
+            optimizer={"name": "sgd", "lr": 0.1, "param_groups": [{"match": "fc.*", "lr": 1.0}]},
+            scheduler={"name": "cosine", "warmup_epochs": 2, "warmup_start_factor": 0.5},
+            train={"epochs": 10, "device": "cpu"},
+        )
+    )
     schedule = plan_to_dict(plan(recipe))["schedule"]["groups"]
     # Driven directly: LinearLR(0.5 -> 1 over 2 steps), then CosineAnnealingLR over 8 steps.
     params = [torch.zeros(1, requires_grad=True)]
@@ -178,8 +227,12 @@ def test_plan_previews_each_group_schedule_with_torch_values(tmp_path):
 
 
 def test_plan_shows_linear_lr_scaling_and_writes_the_lr_plot(tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(
-        optimizer={"name": "sgd", "lr": 0.1, "lr_scaling": "linear", "base_batch_size": 4}))
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(
+            optimizer={"name": "sgd", "lr": 0.1, "lr_scaling": "linear", "base_batch_size": 4}
+        ),
+    )
     result = run_cli("plan", str(path), "--json", "--lr-plot", str(tmp_path / "lr.png"))
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)

@@ -16,22 +16,32 @@ from tests.conftest import make_image_folder, run_cli, tiny_recipe, write_recipe
 
 def test_shards_of_a_global_batch_are_the_single_process_batch():
     single = list(ShuffleShardSampler(30, seed=1, batch_size=8))
-    ranks = [list(ShuffleShardSampler(30, seed=1, batch_size=4, rank=r, world_size=2))
-             for r in range(2)]
+    ranks = [
+        list(ShuffleShardSampler(30, seed=1, batch_size=4, rank=r, world_size=2)) for r in range(2)
+    ]
     assert len(single) == 24 and all(len(shard) == 12 for shard in ranks)
     for step in range(3):
-        global_batch = ranks[0][4 * step: 4 * step + 4] + ranks[1][4 * step: 4 * step + 4]
-        assert sorted(global_batch) == sorted(single[8 * step: 8 * step + 8])
+        global_batch = ranks[0][4 * step : 4 * step + 4] + ranks[1][4 * step : 4 * step + 4]
+        assert sorted(global_batch) == sorted(single[8 * step : 8 * step + 8])
 
 
 @pytest.mark.parametrize("length, world_size, batches", [(6, 2, 1), (10, 2, 1), (20, 2, 2)])
 def test_a_split_of_one_global_batch_or_less_still_trains(length, world_size, batches):
     """6 images, 2 processes, batch 4: each process takes one batch of 3, not none."""
     dataset = torch.utils.data.TensorDataset(torch.arange(length))
-    loaders = [build_loader(dataset, batch_size=4, train=True, num_workers=0, pin_memory=False,
-                            sampler=ShuffleShardSampler(length, seed=0, batch_size=4, rank=rank,
-                                                        world_size=world_size))
-               for rank in range(world_size)]
+    loaders = [
+        build_loader(
+            dataset,
+            batch_size=4,
+            train=True,
+            num_workers=0,
+            pin_memory=False,
+            sampler=ShuffleShardSampler(
+                length, seed=0, batch_size=4, rank=rank, world_size=world_size
+            ),
+        )
+        for rank in range(world_size)
+    ]
     assert [len(loader) for loader in loaders] == [batches] * world_size
     assert all(len(list(loader)) == batches for loader in loaders)
 
@@ -57,9 +67,12 @@ def two_runs(tmp_path_factory):
     train = make_image_folder(tmp / "train", ["a", "b", "c"], per_class=8)
     val = make_image_folder(tmp / "val", ["a", "b", "c"], per_class=3, seed=1)
     recipe = tiny_recipe(
-        data={"train": {"type": "imagefolder", "root": str(train)},
-              "val": {"type": "imagefolder", "root": str(val)},
-              "batch_size": 4, "augment": []},
+        data={
+            "train": {"type": "imagefolder", "root": str(train)},
+            "val": {"type": "imagefolder", "root": str(val)},
+            "batch_size": 4,
+            "augment": [],
+        },
         freeze={"batchnorm": "frozen"},  # batch statistics would differ between 4 and 8 images
         scheduler={"name": "cosine", "warmup_epochs": 1},
     )
@@ -67,8 +80,9 @@ def two_runs(tmp_path_factory):
     out = tmp / "out"
     ddp = run_cli("run", str(path), "--nproc", "2", "--set", f"output.dir={out}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run_cli("run", str(path), "--set", "data.batch_size=8",
-                     "--run-dir", str(tmp / "single"))
+    single = run_cli(
+        "run", str(path), "--set", "data.batch_size=8", "--run-dir", str(tmp / "single")
+    )
     assert single.returncode == 0, single.stderr
     return Path(ddp.stdout.strip().splitlines()[-1]), tmp / "single", out, val
 
@@ -107,8 +121,16 @@ def test_resume_under_torchrun_continues_the_run(two_runs, tmp_path):
     ddp_dir, _, _, _ = two_runs
     copy = tmp_path / "copy"
     shutil.copytree(ddp_dir, copy)
-    result = run_cli("run", str(copy / "recipe.yaml"), "--nproc", "2", "--resume", str(copy),
-                     "--set", "train.epochs=3")
+    result = run_cli(
+        "run",
+        str(copy / "recipe.yaml"),
+        "--nproc",
+        "2",
+        "--resume",
+        str(copy),
+        "--set",
+        "train.epochs=3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(row) for row in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]

@@ -69,8 +69,9 @@ def batchnorm_calls(model: nn.Module, images: torch.Tensor) -> int:
 
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return (isinstance(module, (_ConvNd, nn.Linear, _BatchNorm))
-                or super().is_leaf_module(module, name))
+        return isinstance(module, (_ConvNd, nn.Linear, _BatchNorm)) or super().is_leaf_module(
+            module, name
+        )
 
 
 def fx_foldable(model: nn.Module) -> set[str] | None:
@@ -85,9 +86,12 @@ def fx_foldable(model: nn.Module) -> set[str] | None:
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], _BatchNorm):
             source = node.args[0]
-            if (isinstance(source, torch.fx.Node) and source.op == "call_module"
-                    and isinstance(modules[source.target], (_ConvNd, nn.Linear))
-                    and len(source.users) == 1):
+            if (
+                isinstance(source, torch.fx.Node)
+                and source.op == "call_module"
+                and isinstance(modules[source.target], (_ConvNd, nn.Linear))
+                and len(source.users) == 1
+            ):
                 foldable.add(node.target)
     return foldable
 
@@ -107,17 +111,17 @@ class Branchy(nn.Module):
         self.head = nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_bn(self.stem(x))                           # folds
-        if x.abs().sum() > 0:                                    # fx cannot trace this branch
-            x = self.pre_conv(torch.relu(self.pre_bn(x)))        # pre-activation: pre_bn stays
+        x = self.stem_bn(self.stem(x))  # folds
+        if x.abs().sum() > 0:  # fx cannot trace this branch
+            x = self.pre_conv(torch.relu(self.pre_bn(x)))  # pre-activation: pre_bn stays
         y = self.res_conv(x)
-        x = self.res_bn(y) + y                                   # y used twice: res_bn stays
+        x = self.res_bn(y) + y  # y used twice: res_bn stays
         t = self.trap_conv(x)
-        t.relu_()                                                # in place, between conv and BN
-        x = self.trap_bn(t)                                      # so trap_bn stays
-        x = self.up_bn(self.up(x))                               # transposed conv + BN-act folds
-        x = self.bn1d(self.conv1d(x.flatten(2))).mean(-1)        # Conv1d + BatchNorm1d folds
-        return self.head(self.fc_bn(self.fc(x)))                 # Linear + BatchNorm1d folds
+        t.relu_()  # in place, between conv and BN
+        x = self.trap_bn(t)  # so trap_bn stays
+        x = self.up_bn(self.up(x))  # transposed conv + BN-act folds
+        x = self.bn1d(self.conv1d(x.flatten(2))).mean(-1)  # Conv1d + BatchNorm1d folds
+        return self.head(self.fc_bn(self.fc(x)))  # Linear + BatchNorm1d folds
 
 
 def build(name: str) -> nn.Module:
@@ -131,10 +135,18 @@ def build(name: str) -> nn.Module:
 # model, image size, BatchNorms expected to stay (densenet: the norm before each conv, the final
 # norm; branchy: pre_bn, res_bn, trap_bn)
 MODELS = [
-    ("test_resnet", 32, 0), ("resnet18", 32, 0), ("test_efficientnet", 32, 0),
-    ("mobilenetv3_small_050", 32, 0), ("regnetx_002", 32, 0), ("densenet121", 32, 62),
-    ("test_convnext", 32, 0), ("test_vit", 160, 0), ("torchvision:resnet18", 32, 0),
-    ("torchvision:mobilenet_v2", 32, 0), ("torchvision:vgg11_bn", 32, 0), ("branchy", 16, 3),
+    ("test_resnet", 32, 0),
+    ("resnet18", 32, 0),
+    ("test_efficientnet", 32, 0),
+    ("mobilenetv3_small_050", 32, 0),
+    ("regnetx_002", 32, 0),
+    ("densenet121", 32, 62),
+    ("test_convnext", 32, 0),
+    ("test_vit", 160, 0),
+    ("torchvision:resnet18", 32, 0),
+    ("torchvision:mobilenet_v2", 32, 0),
+    ("torchvision:vgg11_bn", 32, 0),
+    ("branchy", 16, 3),
 ]
 
 
@@ -165,7 +177,11 @@ def test_fuse_bn_follows_tensors_where_fx_cannot_trace():
     assert fx_foldable(model) is None
     _, report = fuse_bn_with_report(model, example_input=torch.randn(2, 3, 16, 16))
     assert {(p["bn"], p["into"]) for p in report.folded} == {
-        ("stem_bn", "stem"), ("up_bn", "up"), ("bn1d", "conv1d"), ("fc_bn", "fc")}
+        ("stem_bn", "stem"),
+        ("up_bn", "up"),
+        ("bn1d", "conv1d"),
+        ("fc_bn", "fc"),
+    }
     reasons = {r["bn"]: r["reason"] for r in report.remaining}
     assert set(reasons) == {"pre_bn", "res_bn", "trap_bn"}
     assert "not the output" in reasons["pre_bn"] and "also used" in reasons["res_bn"]
@@ -212,8 +228,9 @@ def test_onnx_format_without_the_onnx_package_is_bad_input(monkeypatch):
 def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
     recipe = tiny_recipe(model={"backbone": "test_resnet"}, train={"epochs": 1})
-    result = run_cli("run", str(write_recipe(root / "r.yaml", recipe)),
-                     "--run-dir", str(root / "run"))
+    result = run_cli(
+        "run", str(write_recipe(root / "r.yaml", recipe)), "--run-dir", str(root / "run")
+    )
     assert result.returncode == 0, result.stderr
     return root / "run"
 
@@ -254,9 +271,11 @@ def test_every_exported_file_loads_back_and_matches(trained_run, exported):
         reference = load_trained(trained_run, device="cpu").model(images)
         from_safetensors = load_exported(exported / "model.safetensors", device="cpu").model
         assert not any(isinstance(m, _BatchNorm) for m in from_safetensors.modules())
-        outputs = {"safetensors": from_safetensors(images),
-                   "torchscript": torch.jit.load(exported / "model.torchscript.pt")(images),
-                   "pt2": torch.export.load(exported / "model.pt2").module()(images)}
+        outputs = {
+            "safetensors": from_safetensors(images),
+            "torchscript": torch.jit.load(exported / "model.torchscript.pt")(images),
+            "pt2": torch.export.load(exported / "model.pt2").module()(images),
+        }
     if HAS_ORT and HAS_ONNX:
         import onnxruntime
 
@@ -278,23 +297,33 @@ def test_predict_reads_an_export_folder(trained_run, exported, tmp_path):
     for item in (from_export, from_torchscript):
         assert item["top_k"][0]["class"] == from_run["top_k"][0]["class"]
         assert {p["class"]: p["probability"] for p in item["top_k"]} == pytest.approx(
-            expected, abs=1e-4)
+            expected, abs=1e-4
+        )
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="onnx is not installed")
 def test_onnx_without_onnxruntime_is_written_and_noted(trained_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     result = export_run(trained_run, out=tmp_path / "out", formats=["onnx"], fuse_bn=False)
-    assert "onnxruntime is not installed" in result.info["verification"]["results"]["onnx"][
-        "skipped"]
+    assert (
+        "onnxruntime is not installed" in result.info["verification"]["results"]["onnx"]["skipped"]
+    )
     assert (tmp_path / "out" / "model.onnx").is_file() and result.info["verification"]["passed"]
     assert result.info["fused"] is False and result.info["batchnorm"]["folded"] == []
 
 
 def test_export_beyond_tolerance_exits_1_and_keeps_the_files_as_failed(trained_run, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("export", str(trained_run), "--format", "safetensors", "--out", str(out),
-                     "--tolerance", "1e-30")
+    result = run_cli(
+        "export",
+        str(trained_run),
+        "--format",
+        "safetensors",
+        "--out",
+        str(out),
+        "--tolerance",
+        "1e-30",
+    )
     assert result.returncode == 1, result.stderr
     assert "verification failed" in result.stderr and "Traceback" not in result.stderr
     failed = tmp_path / "out.failed"
@@ -312,8 +341,18 @@ def test_the_recipes_export_section_sets_the_defaults(trained_run, tmp_path):
     info = export_run(run, out=tmp_path / "from-recipe").info
     assert set(info["formats"]) == {"safetensors"} and info["fused"] is False
     assert info["verification"]["tolerance"] == 1e-3
-    result = run_cli("export", str(run), "--fuse-bn", "--format", "pt2", "--tolerance", "1e-5",
-                     "--out", str(tmp_path / "from-options"), "--json")
+    result = run_cli(
+        "export",
+        str(run),
+        "--fuse-bn",
+        "--format",
+        "pt2",
+        "--tolerance",
+        "1e-5",
+        "--out",
+        str(tmp_path / "from-options"),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert set(info["formats"]) == {"pt2"} and info["fused"] is True

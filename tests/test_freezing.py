@@ -47,16 +47,22 @@ def test_a_pattern_matching_nothing_is_an_error_naming_it():
 
 
 # -------------------------------------------------------------------------------------- stages
-@pytest.mark.parametrize("backbone, until, frozen_prefixes", [
-    ("test_resnet", "layer3", ("conv1.", "bn1.", "layer1.", "layer2.")),
-    ("test_efficientnet", "blocks.2", ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")),
-    ("test_vit", "blocks.3", ("cls_token", "pos_embed", "patch_embed.", "blocks.0.", "blocks.1.",
-                              "blocks.2.")),
-    ("test_convnext", "stages.2", ("stem.", "stages.0.", "stages.1.")),
-    ("resnet18", "layer4", ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")),
-    ("torchvision:resnet18", "layer2", ("conv1.", "bn1.", "layer1.")),
-    ("test_vit", "head", ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")),
-])
+@pytest.mark.parametrize(
+    "backbone, until, frozen_prefixes",
+    [
+        ("test_resnet", "layer3", ("conv1.", "bn1.", "layer1.", "layer2.")),
+        ("test_efficientnet", "blocks.2", ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")),
+        (
+            "test_vit",
+            "blocks.3",
+            ("cls_token", "pos_embed", "patch_embed.", "blocks.0.", "blocks.1.", "blocks.2."),
+        ),
+        ("test_convnext", "stages.2", ("stem.", "stages.0.", "stages.1.")),
+        ("resnet18", "layer4", ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")),
+        ("torchvision:resnet18", "layer2", ("conv1.", "bn1.", "layer1.")),
+        ("test_vit", "head", ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")),
+    ],
+)
 def test_until_freezes_everything_before_the_stage(backbone, until, frozen_prefixes):
     model = build_model(backbone=backbone, num_classes=3).model
     assert until in stage_names(model)
@@ -83,12 +89,16 @@ def test_unknown_stage_lists_the_stages():
 
 # ----------------------------------------------------------------------------------- batchnorm
 def test_frozen_batchnorm_stays_in_eval_mode_across_train_calls():
-    model = build_model(backbone="test_resnet", num_classes=3,
-                        head=HeadConfig(type="mlp", hidden=[8], norm="batchnorm")).model
+    model = build_model(
+        backbone="test_resnet",
+        num_classes=3,
+        head=HeadConfig(type="mlp", hidden=[8], norm="batchnorm"),
+    ).model
     report = freeze(model, batchnorm="frozen", head="fc")
     model.train()
-    batchnorms = {n: m for n, m in model.named_modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    batchnorms = {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
     assert set(report.frozen_batchnorms) == {n for n in batchnorms if not n.startswith("fc.")}
     assert all(not batchnorms[n].training for n in report.frozen_batchnorms)
     assert batchnorms["fc.1"].training  # the new head's BatchNorm has nothing to keep
@@ -114,10 +124,17 @@ def _unfreezing_model(optimizer: str = "sgd", weight_decay: float = 0.0, **optio
     """A model frozen until layer3 whose layer2 starts training at epoch 2, and its optimizer
     holding every group from the start."""
     model = timm.create_model("test_resnet", num_classes=3)
-    report = freeze(model, until="layer3", unfreeze=[UnfreezeStep(epoch=2, patterns=["layer2.*"],
-                                                                  lr=0.01)])
-    built = create_optimizer(model, name=optimizer, lr=0.1, weight_decay=weight_decay,
-                             unfreeze=report.unfreeze, **options)
+    report = freeze(
+        model, until="layer3", unfreeze=[UnfreezeStep(epoch=2, patterns=["layer2.*"], lr=0.01)]
+    )
+    built = create_optimizer(
+        model,
+        name=optimizer,
+        lr=0.1,
+        weight_decay=weight_decay,
+        unfreeze=report.unfreeze,
+        **options,
+    )
     return model, report.unfreeze, built
 
 
@@ -137,21 +154,28 @@ def test_unfreeze_pattern_matching_no_frozen_parameter_is_an_error():
 
 def test_unfreeze_step_left_with_nothing_to_unfreeze_is_an_error():
     model = timm.create_model("test_resnet", num_classes=3)
-    steps = [UnfreezeStep(epoch=2, patterns=["layer*"]),
-             UnfreezeStep(epoch=3, patterns=["layer1.*"])]
+    steps = [
+        UnfreezeStep(epoch=2, patterns=["layer*"]),
+        UnfreezeStep(epoch=3, patterns=["layer1.*"]),
+    ]
     with pytest.raises(UserError, match="epoch 3.*already unfreezes"):
         freeze(model, until="layer4", unfreeze=steps)
 
 
 def test_unfreeze_after_the_last_epoch_is_refused_by_key():
     with pytest.raises(UserError) as caught:
-        Recipe.from_dict(tiny_recipe(freeze={"until": "layer3", "unfreeze": [
-            {"epoch": 9, "patterns": ["layer2.*"]}]}, train={"epochs": 3}))
+        Recipe.from_dict(
+            tiny_recipe(
+                freeze={"until": "layer3", "unfreeze": [{"epoch": 9, "patterns": ["layer2.*"]}]},
+                train={"epochs": 3},
+            )
+        )
     assert any("freeze.unfreeze: epoch(s) [9]" in line for line in caught.value.problems)
 
 
-@pytest.mark.parametrize("optimizer, options", [
-    ("sgd", {"momentum": 0.9}), ("adamw", {}), ("adam", {}), ("lamb", {})])
+@pytest.mark.parametrize(
+    "optimizer, options", [("sgd", {"momentum": 0.9}), ("adamw", {}), ("adam", {}), ("lamb", {})]
+)
 def test_a_stage_waiting_to_unfreeze_is_bit_identical_under_weight_decay(optimizer, options):
     """Its groups are in the optimizer, with weight decay, yet nothing moves it until its
     epoch: without a gradient the optimizers skip the parameter, decay included."""
@@ -176,8 +200,9 @@ def test_a_stage_waiting_to_unfreeze_is_bit_identical_under_weight_decay(optimiz
 def test_a_stage_group_follows_the_schedule_from_the_start():
     """The schedule treats the stage's group like any other: its own base LR, the same factor."""
     model, _, optimizer = _unfreezing_model()
-    schedule = build_scheduler(optimizer, name="cosine", epochs=4, steps_per_epoch=5,
-                               warmup_epochs=2)
+    schedule = build_scheduler(
+        optimizer, name="cosine", epochs=4, steps_per_epoch=5, warmup_epochs=2
+    )
     default, stage = optimizer.param_groups[0], optimizer.param_groups[-1]
     assert stage["name"] == "unfreeze@2/default"
     for _ in range(20):
@@ -186,16 +211,36 @@ def test_a_stage_group_follows_the_schedule_from_the_start():
         schedule.step_update()
 
 
-@pytest.mark.parametrize("schedule, cycle_momentum", [
-    ("cyclic", False), ("cyclic", True), ("onecycle", False), ("onecycle", True), ("poly", False),
-    ("plateau", False), ("step", False)])
+@pytest.mark.parametrize(
+    "schedule, cycle_momentum",
+    [
+        ("cyclic", False),
+        ("cyclic", True),
+        ("onecycle", False),
+        ("onecycle", True),
+        ("poly", False),
+        ("plateau", False),
+        ("step", False),
+    ],
+)
 def test_stage_groups_need_no_scheduler_surgery(schedule, cycle_momentum):
     """Every schedule, its state saved and loaded into a fresh optimizer of the same build."""
+
     def fresh():
         model, stages, optimizer = _unfreezing_model(momentum=0.9)
-        return model, stages, optimizer, build_scheduler(
-            optimizer, name=schedule, epochs=4, steps_per_epoch=3, max_lr=0.5,
-            cycle_momentum=cycle_momentum)
+        return (
+            model,
+            stages,
+            optimizer,
+            build_scheduler(
+                optimizer,
+                name=schedule,
+                epochs=4,
+                steps_per_epoch=3,
+                max_lr=0.5,
+                cycle_momentum=cycle_momentum,
+            ),
+        )
 
     model, stages, optimizer, scheduler = fresh()
     for step in range(8):
@@ -216,17 +261,27 @@ def test_stage_groups_need_no_scheduler_surgery(schedule, cycle_momentum):
 def test_stage_groups_get_the_optimizer_wide_lr_scaling():
     """With every LR scaled (the linear scaling rule), the stage's group is scaled alike."""
     model = timm.create_model("test_resnet", num_classes=3)
-    report = freeze(model, until="layer3", unfreeze=[UnfreezeStep(epoch=2, patterns=["layer2.*"],
-                                                                  lr=0.01)])
-    optimizer = create_optimizer(model, lr=0.1, unfreeze=report.unfreeze, lr_scaling="linear",
-                                 batch_size=512, base_batch_size=256)
+    report = freeze(
+        model, until="layer3", unfreeze=[UnfreezeStep(epoch=2, patterns=["layer2.*"], lr=0.01)]
+    )
+    optimizer = create_optimizer(
+        model,
+        lr=0.1,
+        unfreeze=report.unfreeze,
+        lr_scaling="linear",
+        batch_size=512,
+        base_batch_size=256,
+    )
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.02)
 
 
 # ------------------------------------------------------------------- the real run, end to end
 RECIPE = tiny_recipe(
-    freeze={"until": "layer3", "batchnorm": "frozen",
-            "unfreeze": [{"epoch": 2, "patterns": ["layer2.*"], "lr": 0.01}]},
+    freeze={
+        "until": "layer3",
+        "batchnorm": "frozen",
+        "unfreeze": [{"epoch": 2, "patterns": ["layer2.*"], "lr": 0.01}],
+    },
     scheduler={"name": "cosine", "warmup_epochs": 1},
     train={"epochs": 3, "device": "cpu"},
 )
@@ -241,8 +296,10 @@ def _run(tmp: Path, name: str, **kwargs) -> Path:
 def trained(tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path]:
     """The model a tiny recipe starts from, and its run folder after 3 epochs."""
     tmp = tmp_path_factory.mktemp("freeze-run")
-    initial = {k: v.clone() for k, v in build(Recipe.from_dict(RECIPE), data=False).network.model
-               .state_dict().items()}
+    initial = {
+        k: v.clone()
+        for k, v in build(Recipe.from_dict(RECIPE), data=False).network.model.state_dict().items()
+    }
     return initial, _run(tmp, "straight")
 
 
@@ -253,8 +310,9 @@ def test_frozen_parameters_and_batchnorm_statistics_are_bit_identical_after_trai
     assert never_trained
     for key in never_trained:
         assert torch.equal(final[key], initial[key]), key
-    statistics = [k for k in initial if k.endswith(("running_mean", "running_var",
-                                                    "num_batches_tracked"))]
+    statistics = [
+        k for k in initial if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    ]
     assert len(statistics) == 3 * 15
     for key in statistics:  # every BatchNorm, in trained stages too: batchnorm: frozen
         assert torch.equal(final[key], initial[key]), key
@@ -272,8 +330,9 @@ def test_stage_group_lr_is_in_the_metrics_and_follows_the_schedule(trained):
 
 
 @pytest.mark.parametrize("stop_epoch", [2, 3])  # before and after the unfreeze at epoch 2
-def test_a_resume_across_the_unfreeze_epoch_is_bit_identical(trained, tmp_path, monkeypatch,
-                                                              stop_epoch):
+def test_a_resume_across_the_unfreeze_epoch_is_bit_identical(
+    trained, tmp_path, monkeypatch, stop_epoch
+):
     _, straight = trained
 
     def stop(model, stages, epoch):

@@ -29,14 +29,27 @@ def _own_registry(monkeypatch):
 # ------------------------------------------------------------------------------------ built-in
 @pytest.mark.parametrize("backbone", list(SIZES))
 def test_mlp_head_on_every_backbone(backbone):
-    config = HeadConfig(type="mlp", hidden=[32, 16], activation="gelu", norm="layernorm",
-                        dropout=0.1)
+    config = HeadConfig(
+        type="mlp", hidden=[32, 16], activation="gelu", norm="layernorm", dropout=0.1
+    )
     built = build_model(backbone=backbone, num_classes=4, head=config)
     head = built.model.get_submodule(built.head_name)
-    assert [type(m) for m in head] == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Dropout,
-                                       nn.Linear, nn.LayerNorm, nn.GELU, nn.Dropout, nn.Linear]
+    assert [type(m) for m in head] == [
+        nn.Linear,
+        nn.LayerNorm,
+        nn.GELU,
+        nn.Dropout,
+        nn.Linear,
+        nn.LayerNorm,
+        nn.GELU,
+        nn.Dropout,
+        nn.Linear,
+    ]
     assert (head[0].in_features, head[0].out_features, head[-1].out_features) == (
-        built.in_features, 32, 4)
+        built.in_features,
+        32,
+        4,
+    )
     size = SIZES[backbone]
     assert built.model(torch.randn(2, 3, size, size)).shape == (2, 4)
     names = [n for n, _ in built.model.named_parameters() if n.startswith(built.head_name + ".")]
@@ -44,17 +57,26 @@ def test_mlp_head_on_every_backbone(backbone):
 
 
 def test_mlp_with_batchnorm_and_default_sizes():
-    built = build_model(backbone="test_resnet", num_classes=3,
-                        head=HeadConfig(type="mlp", norm="batchnorm"))
+    built = build_model(
+        backbone="test_resnet", num_classes=3, head=HeadConfig(type="mlp", norm="batchnorm")
+    )
     assert [type(m) for m in built.model.fc] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert built.model.fc[0].out_features == 512
 
 
-@pytest.mark.parametrize("backbone, pool, features", [
-    ("test_resnet", "avg", 96), ("test_resnet", "max", 96), ("test_resnet", "avgmax", 96),
-    ("test_resnet", "catavgmax", 192), ("test_efficientnet", "max", 256),
-    ("test_convnext", "max", 64), ("test_vit", "avg", 64), ("test_vit", "token", 64),
-])
+@pytest.mark.parametrize(
+    "backbone, pool, features",
+    [
+        ("test_resnet", "avg", 96),
+        ("test_resnet", "max", 96),
+        ("test_resnet", "avgmax", 96),
+        ("test_resnet", "catavgmax", 192),
+        ("test_efficientnet", "max", 256),
+        ("test_convnext", "max", 64),
+        ("test_vit", "avg", 64),
+        ("test_vit", "token", 64),
+    ],
+)
 def test_pooling_where_the_backbone_allows_it(backbone, pool, features):
     built = build_model(backbone=backbone, num_classes=3, head=HeadConfig(pool=pool))
     assert built.in_features == features
@@ -73,8 +95,9 @@ def test_max_pooling_changes_the_features():
         assert torch.equal(mx.eval().forward_head(features, pre_logits=True), features.amax((2, 3)))
 
 
-@pytest.mark.parametrize("backbone, pool", [("test_resnet", "token"),
-                                            ("torchvision:resnet18", "max")])
+@pytest.mark.parametrize(
+    "backbone, pool", [("test_resnet", "token"), ("torchvision:resnet18", "max")]
+)
 def test_pooling_the_backbone_cannot_do_is_an_error(backbone, pool):
     with pytest.raises(UserError, match="model.head.pool"):
         build_model(backbone=backbone, num_classes=3, head=HeadConfig(pool=pool))
@@ -83,8 +106,11 @@ def test_pooling_the_backbone_cannot_do_is_an_error(backbone, pool):
 # ------------------------------------------------------------------------------ initialisation
 def test_initialisation_of_new_layers():
     def head(init: str) -> nn.Module:
-        return build_model(backbone="test_vit", num_classes=10,
-                           head=HeadConfig(type="mlp", hidden=[256], init=init)).model.head
+        return build_model(
+            backbone="test_vit",
+            num_classes=10,
+            head=HeadConfig(type="mlp", hidden=[256], init=init),
+        ).model.head
 
     zeros = head("zeros")
     assert all(torch.count_nonzero(p) == 0 for p in zeros.parameters())
@@ -115,18 +141,23 @@ def test_registered_head_gets_in_features_num_classes_and_args():
             return self.body(features)
 
     assert "probe" in finetune.list_heads()
-    built = build_model(backbone="test_resnet", num_classes=5,
-                        head=HeadConfig(type="probe", args={"width": 7}, init="zeros"))
+    built = build_model(
+        backbone="test_resnet",
+        num_classes=5,
+        head=HeadConfig(type="probe", args={"width": 7}, init="zeros"),
+    )
     assert seen == {"in_features": 96, "num_classes": 5, "width": 7}
     assert isinstance(built.model.fc, Probe)
     assert torch.count_nonzero(built.model.fc.body[0].weight) == 0  # initialised by us
     with pytest.raises(UserError, match="the probe head rejected its arguments"):
-        build_model(backbone="test_resnet", num_classes=5,
-                    head=HeadConfig(type="probe", args={"depth": 2}))
+        build_model(
+            backbone="test_resnet", num_classes=5, head=HeadConfig(type="probe", args={"depth": 2})
+        )
 
 
 def test_head_by_import_path(tmp_path, monkeypatch):
-    (tmp_path / "my_heads.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_heads.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         class Twice(nn.Module):
@@ -137,16 +168,21 @@ def test_head_by_import_path(tmp_path, monkeypatch):
 
             def forward(self, features):
                 return self.scale * self.fc(features)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    built = build_model(backbone="test_resnet", num_classes=3,
-                        head=HeadConfig(type="my_heads:Twice", args={"scale": 3.0}))
+    built = build_model(
+        backbone="test_resnet",
+        num_classes=3,
+        head=HeadConfig(type="my_heads:Twice", args={"scale": 3.0}),
+    )
     assert type(built.model.fc).__name__ == "Twice" and built.model.fc.scale == 3.0
     with pytest.raises(UserError, match="has no head named 'Thrice'"):
         build_model(backbone="test_resnet", num_classes=3, head=HeadConfig(type="my_heads:Thrice"))
     with pytest.raises(UserError, match="cannot import 'no_such_module'"):
-        build_model(backbone="test_resnet", num_classes=3,
-                    head=HeadConfig(type="no_such_module:Head"))
+        build_model(
+            backbone="test_resnet", num_classes=3, head=HeadConfig(type="no_such_module:Head")
+        )
 
 
 def test_unknown_head_type_lists_the_registered_ones():
@@ -157,11 +193,14 @@ def test_unknown_head_type_lists_the_registered_ones():
     assert "registered heads: linear, mlp" in message
 
 
-@pytest.mark.parametrize("head, expected", [
-    ({"type": "linear", "hidden": [64]}, "hidden: options of the mlp head"),
-    ({"type": "cosine", "dropout": 0.2}, "takes its options under args"),
-    ({"type": "mlp", "pool": "mean"}, "model.head.pool"),
-])
+@pytest.mark.parametrize(
+    "head, expected",
+    [
+        ({"type": "linear", "hidden": [64]}, "hidden: options of the mlp head"),
+        ({"type": "cosine", "dropout": 0.2}, "takes its options under args"),
+        ({"type": "mlp", "pool": "mean"}, "model.head.pool"),
+    ],
+)
 def test_head_options_are_checked_in_the_recipe(head, expected):
     with pytest.raises(UserError) as caught:
         Recipe.from_dict(tiny_recipe(model={"backbone": "test_resnet", "head": head}))
@@ -169,8 +208,11 @@ def test_head_options_are_checked_in_the_recipe(head, expected):
 
 
 def test_head_config_round_trips_through_the_resolved_recipe(tmp_path):
-    for head in ({"type": "mlp", "hidden": [64], "norm": "batchnorm"},
-                 {"type": "cosine", "args": {"scale": 8.0}}, {"type": "linear", "pool": "max"}):
+    for head in (
+        {"type": "mlp", "hidden": [64], "norm": "batchnorm"},
+        {"type": "cosine", "args": {"scale": 8.0}},
+        {"type": "linear", "pool": "max"},
+    ):
         recipe = Recipe.from_dict(tiny_recipe(model={"backbone": "test_resnet", "head": head}))
         (tmp_path / "r.yaml").write_text(recipe.to_yaml())
         assert Recipe.load(tmp_path / "r.yaml") == recipe

@@ -49,15 +49,22 @@ def _our_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None,
     runtime = Runtime.create(device="cpu", precision="fp32", channels_last=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sampler = ShuffleShardSampler(len(dataset), seed=seed, batch_size=batch_size)
-    loader = build_loader(dataset, batch_size=batch_size, train=True, num_workers=0,
-                          pin_memory=False, sampler=sampler)
-    scheduler = build_scheduler(optimizer, name="none", epochs=epochs,
-                                steps_per_epoch=-(-len(loader) // accum))
-    fit(model, loader, build_loader(dataset, batch_size=64, train=False, num_workers=0,
-                                    pin_memory=False),
-        optimizer, scheduler, runtime,
+    loader = build_loader(
+        dataset, batch_size=batch_size, train=True, num_workers=0, pin_memory=False, sampler=sampler
+    )
+    scheduler = build_scheduler(
+        optimizer, name="none", epochs=epochs, steps_per_epoch=-(-len(loader) // accum)
+    )
+    fit(
+        model,
+        loader,
+        build_loader(dataset, batch_size=64, train=False, num_workers=0, pin_memory=False),
+        optimizer,
+        scheduler,
+        runtime,
         FitOptions(epochs=epochs, num_classes=3, grad_accum_steps=accum, clip_grad_norm=clip),
-        run=run)
+        run=run,
+    )
     return model
 
 
@@ -65,12 +72,29 @@ def _our_loop(model, dataset, *, lr, batch_size, accum, seed, epochs, clip=None,
 def test_loop_matches_a_bare_pytorch_loop(accum, clip):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
-    bare = _bare_loop(copy.deepcopy(model), _data(), lr=0.05, batch_size=8, accum=accum, seed=3,
-                      epochs=2, clip=clip)
-    ours = _our_loop(copy.deepcopy(model), _data(), lr=0.05, batch_size=8, accum=accum, seed=3,
-                     epochs=2, clip=clip)
-    for (name, expected), actual in zip(bare.state_dict().items(), ours.state_dict().values(),
-                                          strict=True):
+    bare = _bare_loop(
+        copy.deepcopy(model),
+        _data(),
+        lr=0.05,
+        batch_size=8,
+        accum=accum,
+        seed=3,
+        epochs=2,
+        clip=clip,
+    )
+    ours = _our_loop(
+        copy.deepcopy(model),
+        _data(),
+        lr=0.05,
+        batch_size=8,
+        accum=accum,
+        seed=3,
+        epochs=2,
+        clip=clip,
+    )
+    for (name, expected), actual in zip(
+        bare.state_dict().items(), ours.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(actual, expected, msg=name)
 
 
@@ -81,8 +105,7 @@ def test_accumulation_equals_a_larger_batch(n):
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=3, img_size=32)
     data = _data(n=n)
-    ours = _our_loop(copy.deepcopy(model), data, lr=0.01, batch_size=8, accum=2, seed=1,
-                     epochs=1)
+    ours = _our_loop(copy.deepcopy(model), data, lr=0.01, batch_size=8, accum=2, seed=1, epochs=1)
     big = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(big.parameters(), lr=0.01, momentum=0.9)
     images_all, labels_all = data.tensors
@@ -91,8 +114,7 @@ def test_accumulation_equals_a_larger_batch(n):
         F.cross_entropy(big(images_all[batch]), labels_all[batch]).backward()
         optimizer.step()
         optimizer.zero_grad()
-    for expected, actual in zip(big.state_dict().values(), ours.state_dict().values(),
-                                strict=True):
+    for expected, actual in zip(big.state_dict().values(), ours.state_dict().values(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -165,23 +187,30 @@ def test_a_short_last_accumulation_window_is_not_scaled_down():
         return [p.grad.clone() for p in net.parameters()]
 
     by_hand = copy.deepcopy(model)
-    first = [(a + b) / 2 for a, b in zip(gradient(by_hand, slice(0, 4)),
-                                          gradient(by_hand, slice(4, 8)), strict=True)]
+    first = [
+        (a + b) / 2
+        for a, b in zip(gradient(by_hand, slice(0, 4)), gradient(by_hand, slice(4, 8)), strict=True)
+    ]
     for parameter, grad in zip(by_hand.parameters(), first, strict=True):
         parameter.data -= grad
     halved = copy.deepcopy(by_hand)  # what a loop that divided the last window by 2 would give
     last = gradient(by_hand, slice(8, 12))
-    for parameter, twin, grad in zip(by_hand.parameters(), halved.parameters(), last,
-                                     strict=True):
+    for parameter, twin, grad in zip(by_hand.parameters(), halved.parameters(), last, strict=True):
         parameter.data -= grad
         twin.data -= grad / 2
 
     ours = copy.deepcopy(model)
     optimizer = torch.optim.SGD(ours.parameters(), lr=1.0, momentum=0.0)
     runtime = Runtime.create(device="cpu", precision="fp32", channels_last=False)
-    metrics = train_one_epoch(ours, loader, optimizer, _NoSchedule(), runtime,
-                              EpochProgress(enabled=False),
-                              FitOptions(epochs=1, num_classes=3, grad_accum_steps=2))
+    metrics = train_one_epoch(
+        ours,
+        loader,
+        optimizer,
+        _NoSchedule(),
+        runtime,
+        EpochProgress(enabled=False),
+        FitOptions(epochs=1, num_classes=3, grad_accum_steps=2),
+    )
     assert metrics["train/loss"] > 0
     for name, actual in ours.state_dict().items():
         torch.testing.assert_close(actual, by_hand.state_dict()[name], rtol=1e-6, atol=1e-6)

@@ -24,18 +24,28 @@ from tests.conftest import tiny_recipe, write_recipe
 
 def random_batches(n: int = 32, classes: int = 3) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=generator),
-                         torch.randint(0, classes, (n,), generator=generator))
+    data = TensorDataset(
+        torch.randn(n, 3, 32, 32, generator=generator),
+        torch.randint(0, classes, (n,), generator=generator),
+    )
     return DataLoader(data, batch_size=8, shuffle=True)
 
 
 def test_range_test_puts_weights_optimizer_and_rng_back():
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
-    optimizer = torch.optim.SGD([
-        {"params": list(model.fc.parameters()), "lr": 0.1, "name": "fc.*"},
-        {"params": [p for n, p in model.named_parameters() if not n.startswith("fc.")],
-         "lr": 0.01, "name": "default"}], lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": list(model.fc.parameters()), "lr": 0.1, "name": "fc.*"},
+            {
+                "params": [p for n, p in model.named_parameters() if not n.startswith("fc.")],
+                "lr": 0.01,
+                "name": "default",
+            },
+        ],
+        lr=0.01,
+        momentum=0.9,
+    )
     loader = random_batches()
     images, labels = next(iter(loader))
     F.cross_entropy(model(images), labels).backward()
@@ -77,16 +87,25 @@ def digits_recipe() -> Recipe:
     The head starts at zero, so the loss starts at log(5) and the test shows what each LR does
     rather than how far a random head happens to be from the answer.
     """
-    return Recipe.from_dict({
-        "name": "digits-lr-find", "seed": 0,
-        "model": {"backbone": "resnet10t", "pretrained": False, "head": {"init": "zeros"}},
-        "data": {"train": {"type": "digits", "split": "train", "classes": [0, 1, 2, 3, 4]},
-                 "val": {"type": "digits", "split": "val", "classes": [0, 1, 2, 3, 4]},
-                 "image_size": 32, "crop_pct": 1.0, "batch_size": 16, "num_workers": 0,
-                 "augment": [], "normalize": "imagenet"},
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "train": {"epochs": 1, "device": "cpu"},
-    })
+    return Recipe.from_dict(
+        {
+            "name": "digits-lr-find",
+            "seed": 0,
+            "model": {"backbone": "resnet10t", "pretrained": False, "head": {"init": "zeros"}},
+            "data": {
+                "train": {"type": "digits", "split": "train", "classes": [0, 1, 2, 3, 4]},
+                "val": {"type": "digits", "split": "val", "classes": [0, 1, 2, 3, 4]},
+                "image_size": 32,
+                "crop_pct": 1.0,
+                "batch_size": 16,
+                "num_workers": 0,
+                "augment": [],
+                "normalize": "imagenet",
+            },
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            "train": {"epochs": 1, "device": "cpu"},
+        }
+    )
 
 
 def short_training(recipe: Recipe, steps: int) -> list[float]:
@@ -120,8 +139,19 @@ def test_suggested_lr_trains_a_real_problem():
 
 def test_lr_find_command_writes_the_plot_and_the_numbers(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
-    result = CliRunner().invoke(app, ["lr-find", str(path), "--steps", "15", "--start-lr", "1e-4",
-                                      "--out", str(tmp_path / "found")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "lr-find",
+            str(path),
+            "--steps",
+            "15",
+            "--start-lr",
+            "1e-4",
+            "--out",
+            str(tmp_path / "found"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("suggested optimizer.lr ") and lines[-1] == str(tmp_path / "found")
@@ -130,10 +160,13 @@ def test_lr_find_command_writes_the_plot_and_the_numbers(tmp_path):
     assert (tmp_path / "found" / "lr_find.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--start-lr", "1", "--end-lr", "0.1"], "need 0 < start LR < end LR"),
-    (["--rule", "valley"], "unknown rule 'valley'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--start-lr", "1", "--end-lr", "0.1"], "need 0 < start LR < end LR"),
+        (["--rule", "valley"], "unknown rule 'valley'"),
+    ],
+)
 def test_lr_find_bad_input_exits_2(tmp_path, args, message):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
     result = CliRunner().invoke(app, ["lr-find", str(path), *args])
@@ -157,8 +190,22 @@ def test_lr_find_json_and_saved_numbers_describe_a_geometric_ramp(tmp_path):
     LR, and a suggestion inside the ramp; `--json` prints the same suggestion."""
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
     out = tmp_path / "found"
-    result = CliRunner().invoke(app, ["lr-find", str(path), "--steps", "12", "--start-lr", "1e-4",
-                                      "--end-lr", "1", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "lr-find",
+            str(path),
+            "--steps",
+            "12",
+            "--start-lr",
+            "1e-4",
+            "--end-lr",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed["out"] == str(out) and printed["rule"] in ("steepest", "min10")
@@ -181,7 +228,8 @@ def test_lr_find_json_and_saved_numbers_describe_a_geometric_ramp(tmp_path):
     if saved["rule"] == "steepest":  # an LR the ramp tried
         assert lrs[0] <= printed["suggestion"] <= lrs[-1]
     else:  # a tenth of the LR at the lowest loss
-        assert printed["suggestion"] * 10 == pytest.approx(lrs[saved["smoothed"].index(
-            min(saved["smoothed"]))])
+        assert printed["suggestion"] * 10 == pytest.approx(
+            lrs[saved["smoothed"].index(min(saved["smoothed"]))]
+        )
     assert 1e-4 / 10 <= printed["suggestion"] <= 1.0
     assert printed["group_lrs"] == {"default": pytest.approx(printed["suggestion"])}

@@ -14,8 +14,16 @@ from tests.test_schedule import EPOCHS, STEPS_PER_EPOCH, assert_same_lrs, two_gr
 # -------------------------------------------------------------------------------------- preview
 def test_preview_drives_the_real_scheduler():
     groups = [{"name": "fc.*", "lr": 0.1}, {"name": "default", "lr": 0.01}]
-    preview = preview_lrs(groups, lr=0.01, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                          name="cosine", warmup_epochs=1, min_lr=0.0, points=[10])
+    preview = preview_lrs(
+        groups,
+        lr=0.01,
+        epochs=EPOCHS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        name="cosine",
+        warmup_epochs=1,
+        min_lr=0.0,
+        points=[10],
+    )
     labels = [label for label, _, _ in preview["default"]]
     assert labels == ["start", "warmup end", "middle", "end", "step 10"]
     start, warmup_end, middle, end, _ = preview["fc.*"]
@@ -27,10 +35,16 @@ def test_preview_drives_the_real_scheduler():
 
 
 def test_plot_lr_schedule_writes_a_png(tmp_path):
-    path = plot_lr_schedule(tmp_path, [{"name": "default", "lr": 0.01}], lr=0.01, epochs=3,
-                            steps_per_epoch=5, name="onecycle", max_lr=0.1)
+    path = plot_lr_schedule(
+        tmp_path,
+        [{"name": "default", "lr": 0.01}],
+        lr=0.01,
+        epochs=3,
+        steps_per_epoch=5,
+        name="onecycle",
+        max_lr=0.1,
+    )
     assert path == tmp_path / "lr_schedule.png" and path.stat().st_size > 1000
-
 
 
 # -------------------------------------------------------------------- the data behind the plot
@@ -38,8 +52,15 @@ def test_lr_curve_is_cosine_with_warmup_as_written_by_hand():
     """The values `plan --lr-plot` draws: each group's LR at every step, against the textbook
     formula and against torch's schedulers driven by hand."""
     groups = [{"name": "fc.*", "lr": 0.1}, {"name": "default", "lr": 0.01}]
-    span, curves = lr_curve(groups, lr=0.01, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                            name="cosine", warmup_epochs=1, min_lr=1e-4)
+    span, curves = lr_curve(
+        groups,
+        lr=0.01,
+        epochs=EPOCHS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        name="cosine",
+        warmup_epochs=1,
+        min_lr=1e-4,
+    )
     total, warm = EPOCHS * STEPS_PER_EPOCH, STEPS_PER_EPOCH
     assert (span.total, span.warmup, span.per_epoch) == (total, warm, STEPS_PER_EPOCH)
     assert list(curves) == ["fc.*", "default"]
@@ -69,14 +90,37 @@ def test_lr_curve_is_cosine_with_warmup_as_written_by_hand():
 
 def test_lr_curve_applies_the_lr_scale_and_the_epoch_interval():
     groups = [{"name": "default", "lr": 0.01}]
-    _, plain = lr_curve(groups, lr=0.01, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                        name="step", step_size=2, gamma=0.5)
-    span, scaled = lr_curve(groups, lr=0.01, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                            lr_scale=4.0, name="step", step_size=2, gamma=0.5)
+    _, plain = lr_curve(
+        groups,
+        lr=0.01,
+        epochs=EPOCHS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        name="step",
+        step_size=2,
+        gamma=0.5,
+    )
+    span, scaled = lr_curve(
+        groups,
+        lr=0.01,
+        epochs=EPOCHS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        lr_scale=4.0,
+        name="step",
+        step_size=2,
+        gamma=0.5,
+    )
     np.testing.assert_allclose(scaled["default"], [4 * v for v in plain["default"]], rtol=1e-12)
     expected = [0.01 * 0.5 ** (step // (2 * STEPS_PER_EPOCH)) for step in range(span.total)]
     np.testing.assert_allclose(plain["default"], expected, rtol=1e-12)
-    span, epochs = lr_curve(groups, lr=0.01, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                            interval="epoch", name="step", step_size=2, gamma=0.5)
+    span, epochs = lr_curve(
+        groups,
+        lr=0.01,
+        epochs=EPOCHS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        interval="epoch",
+        name="step",
+        step_size=2,
+        gamma=0.5,
+    )
     assert span.total == EPOCHS
     np.testing.assert_allclose(epochs["default"], [0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025])

@@ -27,8 +27,9 @@ def test_head_dropout_wraps_the_linear_layer():
     assert isinstance(built.model.fc[0], nn.Dropout) and built.model.fc[0].p == 0.5
 
 
-@pytest.mark.parametrize("backbone, head_name", [("test_vit", "head"),
-                                                 ("test_efficientnet", "classifier")])
+@pytest.mark.parametrize(
+    "backbone, head_name", [("test_vit", "head"), ("test_efficientnet", "classifier")]
+)
 def test_head_is_found_from_timm_config(backbone, head_name):
     built = build_model(backbone=backbone, num_classes=3)
     assert built.head_name == head_name
@@ -62,13 +63,15 @@ def test_weights_from_a_file_are_loaded_and_reported(tmp_path):
 
     source = build_model(backbone="test_resnet", num_classes=5).model
     save_file(source.state_dict(), tmp_path / "w.safetensors")
-    built = build_model(backbone="test_resnet", num_classes=3,
-                        pretrained=tmp_path / "w.safetensors")
+    built = build_model(
+        backbone="test_resnet", num_classes=3, pretrained=tmp_path / "w.safetensors"
+    )
     report = built.load_report
     assert {m["key"] for m in report.mismatched} == {"fc.weight", "fc.bias"}
     assert report.missing == ["fc.bias", "fc.weight"]
-    torch.testing.assert_close(built.model.state_dict()["conv1.0.weight"],
-                               source.state_dict()["conv1.0.weight"])
+    torch.testing.assert_close(
+        built.model.state_dict()["conv1.0.weight"], source.state_dict()["conv1.0.weight"]
+    )
 
 
 def test_pretrained_true_offline_fails_fast_naming_the_local_file_option(monkeypatch, tmp_path):
@@ -89,12 +92,21 @@ def test_pretrained_true_offline_fails_fast_naming_the_local_file_option(monkeyp
 
 
 def test_pretrained_true_offline_exits_2_from_the_cli(tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(model={"backbone": "resnet10t",
-                                                                "pretrained": True}))
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(model={"backbone": "resnet10t", "pretrained": True})
+    )
     env_cache = tmp_path / "hf"
-    result = run_cli("run", str(path), "--set", f"output.dir={tmp_path / 'out'}",
-                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(env_cache),
-                          "TORCH_HOME": str(tmp_path / "torch")})
+    result = run_cli(
+        "run",
+        str(path),
+        "--set",
+        f"output.dir={tmp_path / 'out'}",
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "HF_HOME": str(env_cache),
+            "TORCH_HOME": str(tmp_path / "torch"),
+        },
+    )
     assert result.returncode == 2, result.stderr
     assert "model.pretrained" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

@@ -29,8 +29,12 @@ def model() -> nn.Module:
 
 def groups(weight_decay: float = 1e-4) -> list[dict]:
     """Two groups with their own LR and weight decay: body at 0.01, the head at 0.1."""
-    return param_groups(model(), lr=0.01, weight_decay=weight_decay,
-                        rules=[ParamGroupRule(match="fc.*", lr=0.1, weight_decay=0.0)])
+    return param_groups(
+        model(),
+        lr=0.01,
+        weight_decay=weight_decay,
+        rules=[ParamGroupRule(match="fc.*", lr=0.1, weight_decay=0.0)],
+    )
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -40,8 +44,9 @@ def test_torch_optimizers_keep_torch_defaults(name):
     cls = OPTIMIZERS[name]
     assert type(built) is cls
     reference = cls(model().parameters(), lr=0.01)
-    assert {k: built.defaults[k] for k in reference.defaults if k != "weight_decay"} == \
-        {k: v for k, v in reference.defaults.items() if k != "weight_decay"}
+    assert {k: built.defaults[k] for k in reference.defaults if k != "weight_decay"} == {
+        k: v for k, v in reference.defaults.items() if k != "weight_decay"
+    }
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lamb", "lion", "adan"])
@@ -55,31 +60,52 @@ def test_groups_keep_their_own_lr_weight_decay_and_name(name):
     built.step()  # every optimizer takes a step
 
 
-@pytest.mark.parametrize("name, options, expected", [
-    ("sgd", {"momentum": 0.9, "nesterov": True, "dampening": 0.0},
-     {"momentum": 0.9, "nesterov": True, "dampening": 0.0}),
-    ("sgd", {"momentum": 0.5, "dampening": 0.1}, {"momentum": 0.5, "dampening": 0.1}),
-    ("rmsprop", {"alpha": 0.9, "eps": 1e-8, "momentum": 0.9, "centered": True},
-     {"alpha": 0.9, "eps": 1e-8, "momentum": 0.9, "centered": True}),
-    ("adam", {"betas": (0.8, 0.9), "eps": 1e-6, "options": {"amsgrad": True}},
-     {"betas": (0.8, 0.9), "eps": 1e-6, "amsgrad": True}),
-    ("adagrad", {"options": {"lr_decay": 0.01, "initial_accumulator_value": 0.1}},
-     {"lr_decay": 0.01, "initial_accumulator_value": 0.1}),
-    ("adadelta", {"eps": 1e-5, "options": {"rho": 0.8}}, {"eps": 1e-5, "rho": 0.8}),
-    ("adan", {"betas": (0.9, 0.9, 0.9), "options": {"no_prox": True}},
-     {"betas": (0.9, 0.9, 0.9), "no_prox": True}),
-])
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        (
+            "sgd",
+            {"momentum": 0.9, "nesterov": True, "dampening": 0.0},
+            {"momentum": 0.9, "nesterov": True, "dampening": 0.0},
+        ),
+        ("sgd", {"momentum": 0.5, "dampening": 0.1}, {"momentum": 0.5, "dampening": 0.1}),
+        (
+            "rmsprop",
+            {"alpha": 0.9, "eps": 1e-8, "momentum": 0.9, "centered": True},
+            {"alpha": 0.9, "eps": 1e-8, "momentum": 0.9, "centered": True},
+        ),
+        (
+            "adam",
+            {"betas": (0.8, 0.9), "eps": 1e-6, "options": {"amsgrad": True}},
+            {"betas": (0.8, 0.9), "eps": 1e-6, "amsgrad": True},
+        ),
+        (
+            "adagrad",
+            {"options": {"lr_decay": 0.01, "initial_accumulator_value": 0.1}},
+            {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
+        ),
+        ("adadelta", {"eps": 1e-5, "options": {"rho": 0.8}}, {"eps": 1e-5, "rho": 0.8}),
+        (
+            "adan",
+            {"betas": (0.9, 0.9, 0.9), "options": {"no_prox": True}},
+            {"betas": (0.9, 0.9, 0.9), "no_prox": True},
+        ),
+    ],
+)
 def test_options_pass_through(name, options, expected):
     built = build_optimizer(groups(), name=name, lr=0.01, **options)
     assert {key: built.defaults[key] for key in expected} == expected
 
 
-@pytest.mark.parametrize("name, options, message", [
-    ("adam", {"momentum": 0.9}, "optimizer.momentum: adam (Adam) has no option 'momentum'"),
-    ("sgd", {"options": {"rhoo": 0.9}}, "optimizer.options.rhoo: sgd (SGD) has no option"),
-    ("lion", {"eps": 1e-8}, "optimizer.eps: lion (Lion) has no option 'eps'"),
-    ("sgd", {"options": {"momentum": 0.9}}, "optimizer.options.momentum: momentum has its own"),
-])
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("adam", {"momentum": 0.9}, "optimizer.momentum: adam (Adam) has no option 'momentum'"),
+        ("sgd", {"options": {"rhoo": 0.9}}, "optimizer.options.rhoo: sgd (SGD) has no option"),
+        ("lion", {"eps": 1e-8}, "optimizer.eps: lion (Lion) has no option 'eps'"),
+        ("sgd", {"options": {"momentum": 0.9}}, "optimizer.options.momentum: momentum has its own"),
+    ],
+)
 def test_an_option_the_optimizer_lacks_is_named(name, options, message):
     with pytest.raises(UserError, match="it takes|own key") as caught:
         build_optimizer(groups(), name=name, lr=0.01, **options)
@@ -105,12 +131,18 @@ def test_the_recipe_checks_optimizer_names():
 
 def test_recipe_names_torch_optimizers_like_optim():
     assert tuple(OPTIMIZERS) == TORCH_OPTIMIZERS
-    assert list_optimizers()[:len(OPTIMIZERS)] == list(OPTIMIZERS)
+    assert list_optimizers()[: len(OPTIMIZERS)] == list(OPTIMIZERS)
 
 
 def test_optimizer_section_maps_onto_build_optimizer():
-    config = OptimizerConfig(name="rmsprop", lr=0.02, momentum=0.9, centered=True,
-                             options={"foreach": False}, lr_scaling="linear")
+    config = OptimizerConfig(
+        name="rmsprop",
+        lr=0.02,
+        momentum=0.9,
+        centered=True,
+        options={"foreach": False},
+        lr_scaling="linear",
+    )
     arguments = optimizer_arguments(config)
     assert set(arguments) <= set(inspect.signature(build_optimizer).parameters)
     assert "lr_scaling" not in arguments and "param_groups" not in arguments
@@ -123,8 +155,16 @@ def test_linear_scaling_rule(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert lr_scale_factor(lr_scaling="none", batch_size=512) == 1.0
     assert lr_scale_factor(lr_scaling="linear", batch_size=64, base_batch_size=256) == 0.25
-    assert lr_scale_factor(lr_scaling="linear", batch_size=64, grad_accum_steps=2,
-                           base_batch_size=256, world_size=4) == 2.0
+    assert (
+        lr_scale_factor(
+            lr_scaling="linear",
+            batch_size=64,
+            grad_accum_steps=2,
+            base_batch_size=256,
+            world_size=4,
+        )
+        == 2.0
+    )
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert lr_scale_factor(lr_scaling="linear", batch_size=32, base_batch_size=256) == 1.0
 

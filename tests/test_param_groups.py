@@ -35,10 +35,12 @@ def resnet() -> torch.nn.Module:
 
 
 def test_first_matching_rule_wins_and_unmatched_take_the_defaults(resnet):
-    rules = [ParamGroupRule(match="fc.*", lr=0.1),
-             ParamGroupRule(match="layer4.*", lr_mult=0.5, weight_decay=0.0),
-             ParamGroupRule(match="*.weight", weight_decay=1e-3),
-             ParamGroupRule(match="layer4.0.conv1.*", lr=9.0)]  # shadowed by layer4.*
+    rules = [
+        ParamGroupRule(match="fc.*", lr=0.1),
+        ParamGroupRule(match="layer4.*", lr_mult=0.5, weight_decay=0.0),
+        ParamGroupRule(match="*.weight", weight_decay=1e-3),
+        ParamGroupRule(match="layer4.0.conv1.*", lr=9.0),
+    ]  # shadowed by layer4.*
     groups = param_groups(resnet, lr=0.01, weight_decay=1e-4, rules=rules)
     owner = _by_name(groups)
     assert set(owner) == {n for n, _ in resnet.named_parameters()}
@@ -47,10 +49,15 @@ def test_first_matching_rule_wins_and_unmatched_take_the_defaults(resnet):
     assert owner["layer4.0.conv1.weight"]["name"] == "layer4.*"
     assert owner["layer4.0.conv1.weight"]["lr"] == pytest.approx(0.005)
     assert owner["layer4.0.conv1.weight"]["weight_decay"] == 0.0
-    assert (owner["layer1.0.conv1.weight"]["name"], owner["layer1.0.conv1.weight"]["lr"],
-            owner["layer1.0.conv1.weight"]["weight_decay"]) == ("*.weight", 0.01, 1e-3)
+    assert (
+        owner["layer1.0.conv1.weight"]["name"],
+        owner["layer1.0.conv1.weight"]["lr"],
+        owner["layer1.0.conv1.weight"]["weight_decay"],
+    ) == ("*.weight", 0.01, 1e-3)
     assert (owner["layer1.0.bn1.bias"]["name"], owner["layer1.0.bn1.bias"]["lr"]) == (
-        "default", 0.01)
+        "default",
+        0.01,
+    )
     assert [g["name"] for g in groups] == ["*.weight", "default", "layer4.*", "fc.*"]
 
 
@@ -65,16 +72,22 @@ def test_frozen_parameters_are_left_out_and_empty_groups_dropped(resnet):
 
 def test_a_rule_matching_no_parameter_is_an_error(resnet):
     with pytest.raises(UserError, match=r"optimizer.param_groups.1.match: 'lyer4.\*' matches no"):
-        param_groups(resnet, lr=0.01, rules=[ParamGroupRule(match="fc.*", lr=0.1),
-                                             ParamGroupRule(match="lyer4.*", lr=0.1)])
+        param_groups(
+            resnet,
+            lr=0.01,
+            rules=[ParamGroupRule(match="fc.*", lr=0.1), ParamGroupRule(match="lyer4.*", lr=0.1)],
+        )
 
 
 def test_no_decay_is_timm_weight_decay_rule():
     model = timm.create_model("test_vit", num_classes=3)
-    ours = _per_param(param_groups(model, lr=0.1, weight_decay=0.05, no_decay=True),
-                      "weight_decay")
-    reference = _per_param(param_groups_weight_decay(
-        model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay()), "weight_decay")
+    ours = _per_param(param_groups(model, lr=0.1, weight_decay=0.05, no_decay=True), "weight_decay")
+    reference = _per_param(
+        param_groups_weight_decay(
+            model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay()
+        ),
+        "weight_decay",
+    )
     assert ours == reference
     owner = _by_name(param_groups(model, lr=0.1, weight_decay=0.05, no_decay=True))
     assert owner["pos_embed"]["name"] == "default/no_decay"  # from model.no_weight_decay()
@@ -100,14 +113,18 @@ def test_no_decay_without_weight_decay_makes_no_twin_groups(resnet):
     assert [g["name"] for g in groups] == ["default"]
 
 
-@pytest.mark.parametrize("backbone", ["test_vit", "test_convnext", "test_efficientnet",
-                                      "test_resnet"])
+@pytest.mark.parametrize(
+    "backbone", ["test_vit", "test_convnext", "test_efficientnet", "test_resnet"]
+)
 def test_layer_decay_matches_timm(backbone):
     model = build_model(backbone=backbone, num_classes=3).model
     ours = param_groups(model, lr=1.0, weight_decay=0.05, no_decay=True, layer_decay=0.75)
-    reference = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75,
-                                         no_weight_decay_list=getattr(
-                                             model, "no_weight_decay", lambda: ())())
+    reference = param_groups_layer_decay(
+        model,
+        weight_decay=0.05,
+        layer_decay=0.75,
+        no_weight_decay_list=getattr(model, "no_weight_decay", lambda: ())(),
+    )
     assert _per_param(ours, "lr") == pytest.approx(_per_param(reference, "lr_scale"))
     assert _per_param(ours, "weight_decay") == _per_param(reference, "weight_decay")
     _by_name(ours)
@@ -121,18 +138,26 @@ def test_layer_decay_with_rules_and_a_torchvision_model():
     owner = _by_name(param_groups(model, lr=0.1, rules=rules, layer_decay=0.5))
     assert (owner["fc.weight"]["name"], owner["fc.weight"]["lr"]) == ("fc.*", 0.5)  # absolute
     assert owner["layer4.0.conv1.weight"]["lr"] == pytest.approx(0.1 * 2.0 * 0.5)
-    assert owner["conv1.weight"]["lr"] == pytest.approx(0.1 * 0.5 ** 6)
+    assert owner["conv1.weight"]["lr"] == pytest.approx(0.1 * 0.5**6)
     assert owner["conv1.weight"]["name"] == "default/depth0"
 
 
 def test_each_group_keeps_its_own_base_lr_through_the_schedule(resnet):
-    groups = param_groups(resnet, lr=0.01, weight_decay=1e-4, no_decay=True,
-                          rules=[ParamGroupRule(match="fc.*", lr=0.1)], layer_decay=0.8)
+    groups = param_groups(
+        resnet,
+        lr=0.01,
+        weight_decay=1e-4,
+        no_decay=True,
+        rules=[ParamGroupRule(match="fc.*", lr=0.1)],
+        layer_decay=0.8,
+    )
     base = [g["lr"] for g in groups]
-    optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k != "param_names"}
-                                 for g in groups], lr=0.01, momentum=0.9)
-    scheduler = build_scheduler(optimizer, name="cosine", epochs=3, steps_per_epoch=4,
-                                warmup_epochs=1)
+    optimizer = torch.optim.SGD(
+        [{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=0.01, momentum=0.9
+    )
+    scheduler = build_scheduler(
+        optimizer, name="cosine", epochs=3, steps_per_epoch=4, warmup_epochs=1
+    )
     assert [s.base_lrs for s in scheduler.scheduler._schedulers] == [base, base]
     for _ in range(11):
         lrs = [g["lr"] for g in optimizer.param_groups]
@@ -140,5 +165,6 @@ def test_each_group_keeps_its_own_base_lr_through_the_schedule(resnet):
         assert lrs == pytest.approx([b * factor for b in base])
         optimizer.step()
         scheduler.step_update()
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [g["weight_decay"]
-                                                                  for g in groups]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [
+        g["weight_decay"] for g in groups
+    ]

@@ -39,12 +39,14 @@ def test_every_shipped_recipe_opens_with_its_purpose_and_command():
 def test_the_python_api_example_runs(tmp_path, monkeypatch):
     """The README's custom head, parameter-group rule and loop, run as written (on the CPU)."""
     section = README.split("## Python API", 1)[1].split("\n## ", 1)[0]
-    example = next(block for block in re.findall(r"```python\n(.*?)```", section, flags=re.S)
-                   if "register_head" in block)
+    example = next(
+        block
+        for block in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+        if "register_head" in block
+    )
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(example.replace('device="auto"', 'device="cpu"'), "README.md", "exec"),
-         namespace)
+    exec(compile(example.replace('device="auto"', 'device="cpu"'), "README.md", "exec"), namespace)
     optimizer, state = namespace["optimizer"], namespace["state"]
     groups = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert groups["fc.*"] == pytest.approx(10 * groups["default"])  # the rule, after 2 epochs

@@ -86,8 +86,7 @@ def test_recipe_is_immutable():
 
 def test_extends_merges_nested_sections(tmp_path):
     write_recipe(tmp_path / "base.yaml", tiny_recipe())
-    (tmp_path / "child.yaml").write_text(
-        "extends: base.yaml\nname: child\noptimizer: {lr: 0.5}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\noptimizer: {lr: 0.5}\n")
     recipe = Recipe.load(tmp_path / "child.yaml")
     assert recipe.name == "child"
     assert recipe.optimizer.lr == 0.5
@@ -103,8 +102,10 @@ def test_extends_cycle_is_an_error(tmp_path):
 
 def test_set_overrides_are_yaml_typed(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
-    recipe = Recipe.load(path, ["optimizer.lr=3e-4", "train.epochs=5",
-                                "train.clip_grad_norm=1.0", "data.augment=[vflip]"])
+    recipe = Recipe.load(
+        path,
+        ["optimizer.lr=3e-4", "train.epochs=5", "train.clip_grad_norm=1.0", "data.augment=[vflip]"],
+    )
     assert recipe.optimizer.lr == pytest.approx(3e-4)
     assert recipe.train.epochs == 5
     assert recipe.data.augment == [Augmentation("vflip", FlipArgs())]
@@ -136,10 +137,12 @@ def test_wrong_type_names_the_key():
 
 
 def test_missing_data_root_is_an_error(tmp_path):
-    lines = problems(tiny_recipe(data={"train": {"type": "imagefolder",
-                                                "root": str(tmp_path / "nope")}}))
-    assert lines == [f"data.train.root: path does not exist: {tmp_path / 'nope'} "
-                     f"(got '{tmp_path / 'nope'}')"]
+    lines = problems(
+        tiny_recipe(data={"train": {"type": "imagefolder", "root": str(tmp_path / "nope")}})
+    )
+    assert lines == [
+        f"data.train.root: path does not exist: {tmp_path / 'nope'} (got '{tmp_path / 'nope'}')"
+    ]
 
 
 def test_unknown_augmentation_suggests_one():
@@ -194,21 +197,46 @@ def test_interface_example_keys_are_known():
 ONE_FACTORY = {
     # num_classes is a key; None there means "count the data" (build_model needs the number).
     "model": (ModelConfig, build_model, {}),
-    "load": (LoadConfig, load_partial, {
-        "model": "the model built", "source": "model.pretrained, when a file",
-        "new_head": "globs of the head build_model made (excused by strict)"}),
-    "freeze": (FreezeConfig, freeze, {
-        "model": "the model built", "head": "the new head's module name, from build_model"}),
-    "optimizer": (OptimizerConfig, create_optimizer, {
-        "model": "the model built", "batch_size": "data.batch_size",
-        "grad_accum_steps": "train.grad_accum_steps", "world_size": "the runtime's processes",
-        "unfreeze": "freeze's report: groups trained later"}),
-    "scheduler": (SchedulerConfig, build_scheduler, {
-        "optimizer": "the optimizer built", "epochs": "train.epochs",
-        "steps_per_epoch": "the training loader's length / train.grad_accum_steps",
-        "lr_scale": "the factor of optimizer.lr_scaling"}),
-    "export": (ExportConfig, export_run, {
-        "source": "the run folder", "out": "finetune export --out"}),
+    "load": (
+        LoadConfig,
+        load_partial,
+        {
+            "model": "the model built",
+            "source": "model.pretrained, when a file",
+            "new_head": "globs of the head build_model made (excused by strict)",
+        },
+    ),
+    "freeze": (
+        FreezeConfig,
+        freeze,
+        {"model": "the model built", "head": "the new head's module name, from build_model"},
+    ),
+    "optimizer": (
+        OptimizerConfig,
+        create_optimizer,
+        {
+            "model": "the model built",
+            "batch_size": "data.batch_size",
+            "grad_accum_steps": "train.grad_accum_steps",
+            "world_size": "the runtime's processes",
+            "unfreeze": "freeze's report: groups trained later",
+        },
+    ),
+    "scheduler": (
+        SchedulerConfig,
+        build_scheduler,
+        {
+            "optimizer": "the optimizer built",
+            "epochs": "train.epochs",
+            "steps_per_epoch": "the training loader's length / train.grad_accum_steps",
+            "lr_scale": "the factor of optimizer.lr_scaling",
+        },
+    ),
+    "export": (
+        ExportConfig,
+        export_run,
+        {"source": "the run folder", "out": "finetune export --out"},
+    ),
 }
 # export_run's options default to None, documented as "the run's own export: section decides":
 # the schema's defaults apply through the run's recipe, not through the signature.
@@ -218,65 +246,87 @@ FROM_THE_RUN = {ExportConfig: {"fuse_bn", "formats", "tolerance"}}
 # "data.normalize" means: the argument `data` gets the whole section and the function reads
 # `data.normalize`; "**kwargs": any keyword, passed on.
 MANY_FACTORIES = {
-    "head": (HeadConfig, {
-        "type": [(build_head, "type")],
-        "init": [(build_head, "init")],
-        "args": [(build_head, "**kwargs")],  # a custom head's own options
-        "pool": [(build_model, "head.pool")],  # the backbone's pooling, before the head
-        "dropout": [(linear_head, "dropout"), (mlp_head, "dropout")],  # through head_options
-        "hidden": [(mlp_head, "hidden")],
-        "activation": [(mlp_head, "activation")],
-        "norm": [(mlp_head, "norm")],
-    }),
-    "data": (DataConfig, {
-        "train": [(open_source, "source")],
-        "val": [(open_source, "source")],
-        "test": [(open_source, "source")],
-        "val_split": [(stratified_split, "fraction")],
-        "image_size": [(open_source, "image_size"), (build_transforms, "data.image_size")],
-        "crop_pct": [(build_transforms, "data.crop_pct")],
-        "batch_size": [(build_loader, "batch_size"), (build_train_sampler, "batch_size"),
-                       (lr_scale_factor, "batch_size"), (create_optimizer, "batch_size")],
-        "eval_batch_size": [(build_loader, "batch_size")],  # None: twice batch_size
-        "num_workers": [(resolve_num_workers, "num_workers")],
-        "persistent_workers": [(build_loader, "persistent_workers")],
-        "prefetch_factor": [(build_loader, "prefetch_factor")],
-        "sampler": [(build_train_sampler, "kind")],
-        "class_weights": [(weigh_classes, "choice")],
-        "on_bad_image": [(Split, "on_bad_image")],
-        "augment": [(build_transforms, "data.augment"), (build_batch_transform, "augment")],
-        "eval_transforms": [(build_transforms, "data.eval_transforms")],
-        "normalize": [(resolve_normalization, "data.normalize")],
-    }),
-    "train": (TrainConfig, {
-        "epochs": [(FitOptions, "epochs"), (build_scheduler, "epochs")],
-        "device": [(Runtime.create, "device")],
-        "precision": [(Runtime.create, "precision")],
-        "channels_last": [(Runtime.create, "channels_last")],
-        "grad_accum_steps": [(FitOptions, "grad_accum_steps"),
-                             (lr_scale_factor, "grad_accum_steps"),
-                             (create_optimizer, "grad_accum_steps")],
-        "clip_grad_norm": [(FitOptions, "clip_grad_norm")],
-        "label_smoothing": [(FitOptions, "label_smoothing")],
-        "sync_batchnorm": [(Runtime.prepare, "sync_batchnorm")],
-    }),
-    "output": (OutputConfig, {
-        "dir": [(new_run_dir, "output_dir"), (latest_run, "output_dir")],
-        "save_best": [(FitOptions, "save_best")],
-    }),
+    "head": (
+        HeadConfig,
+        {
+            "type": [(build_head, "type")],
+            "init": [(build_head, "init")],
+            "args": [(build_head, "**kwargs")],  # a custom head's own options
+            "pool": [(build_model, "head.pool")],  # the backbone's pooling, before the head
+            "dropout": [(linear_head, "dropout"), (mlp_head, "dropout")],  # through head_options
+            "hidden": [(mlp_head, "hidden")],
+            "activation": [(mlp_head, "activation")],
+            "norm": [(mlp_head, "norm")],
+        },
+    ),
+    "data": (
+        DataConfig,
+        {
+            "train": [(open_source, "source")],
+            "val": [(open_source, "source")],
+            "test": [(open_source, "source")],
+            "val_split": [(stratified_split, "fraction")],
+            "image_size": [(open_source, "image_size"), (build_transforms, "data.image_size")],
+            "crop_pct": [(build_transforms, "data.crop_pct")],
+            "batch_size": [
+                (build_loader, "batch_size"),
+                (build_train_sampler, "batch_size"),
+                (lr_scale_factor, "batch_size"),
+                (create_optimizer, "batch_size"),
+            ],
+            "eval_batch_size": [(build_loader, "batch_size")],  # None: twice batch_size
+            "num_workers": [(resolve_num_workers, "num_workers")],
+            "persistent_workers": [(build_loader, "persistent_workers")],
+            "prefetch_factor": [(build_loader, "prefetch_factor")],
+            "sampler": [(build_train_sampler, "kind")],
+            "class_weights": [(weigh_classes, "choice")],
+            "on_bad_image": [(Split, "on_bad_image")],
+            "augment": [(build_transforms, "data.augment"), (build_batch_transform, "augment")],
+            "eval_transforms": [(build_transforms, "data.eval_transforms")],
+            "normalize": [(resolve_normalization, "data.normalize")],
+        },
+    ),
+    "train": (
+        TrainConfig,
+        {
+            "epochs": [(FitOptions, "epochs"), (build_scheduler, "epochs")],
+            "device": [(Runtime.create, "device")],
+            "precision": [(Runtime.create, "precision")],
+            "channels_last": [(Runtime.create, "channels_last")],
+            "grad_accum_steps": [
+                (FitOptions, "grad_accum_steps"),
+                (lr_scale_factor, "grad_accum_steps"),
+                (create_optimizer, "grad_accum_steps"),
+            ],
+            "clip_grad_norm": [(FitOptions, "clip_grad_norm")],
+            "label_smoothing": [(FitOptions, "label_smoothing")],
+            "sync_batchnorm": [(Runtime.prepare, "sync_batchnorm")],
+        },
+    ),
+    "output": (
+        OutputConfig,
+        {
+            "dir": [(new_run_dir, "output_dir"), (latest_run, "output_dir")],
+            "save_best": [(FitOptions, "save_best")],
+        },
+    ),
     # The opener passes keywords (the other sources' openers take the section: see below).
-    "manifest source": (ManifestSource, {
-        "type": [(manifest, "kind")],
-        "path": [(manifest, "path")],
-        "path_key": [(manifest, "path_key")],
-        "label_key": [(manifest, "label_key")],
-    }),
+    "manifest source": (
+        ManifestSource,
+        {
+            "type": [(manifest, "kind")],
+            "path": [(manifest, "path")],
+            "path_key": [(manifest, "path_key")],
+            "label_key": [(manifest, "label_key")],
+        },
+    ),
 }
 
 # Building blocks beneath the factories that take a section's keys under the same names: their
 # defaults are the schema's too (finetune.param_groups(model, lr=0.1) groups as a recipe would).
 BENEATH = [
-    (OptimizerConfig, build_optimizer, {}), (OptimizerConfig, lr_scale_factor, {}),
+    (OptimizerConfig, build_optimizer, {}),
+    (OptimizerConfig, lr_scale_factor, {}),
     (OptimizerConfig, param_groups, {"param_groups": "rules"}),
     (OptimizerConfig, training_groups, {"param_groups": "rules"}),
     (SchedulerConfig, schedule_span, {}),
@@ -298,8 +348,9 @@ def same_default(schema: object, factory: object) -> bool:
     return schema == factory and isinstance(schema, bool) == isinstance(factory, bool)
 
 
-def default_mismatches(section: type[Section], function: Callable, keys: dict[str, str],
-                       skip: Collection[str] = ()) -> list[str]:
+def default_mismatches(
+    section: type[Section], function: Callable, keys: dict[str, str], skip: Collection[str] = ()
+) -> list[str]:
     """``section.key: schema default != function(argument=...)`` for each (key -> argument)."""
     parameters, found = named_arguments(function), []
     for key, argument in keys.items():
@@ -307,8 +358,10 @@ def default_mismatches(section: type[Section], function: Callable, keys: dict[st
         if key in skip or field.is_required() or parameter.default is parameter.empty:
             continue  # a required factory argument is fine: the recipe always passes it
         if not same_default(field.default, parameter.default):
-            found.append(f"{section.__name__}.{key}: {field.default!r} != "
-                         f"{function.__qualname__}({argument}={parameter.default!r})")
+            found.append(
+                f"{section.__name__}.{key}: {field.default!r} != "
+                f"{function.__qualname__}({argument}={parameter.default!r})"
+            )
     return found
 
 
@@ -342,12 +395,16 @@ def test_keys_of_shared_sections_are_arguments_of_the_functions_listed(section, 
     assert mismatches == []
 
 
-@pytest.mark.parametrize("section, function, renamed", BENEATH,
-                         ids=[function.__name__ for _, function, _ in BENEATH])
+@pytest.mark.parametrize(
+    "section, function, renamed", BENEATH, ids=[function.__name__ for _, function, _ in BENEATH]
+)
 def test_building_blocks_default_as_the_schema_does(section, function, renamed):
     arguments = named_arguments(function)
-    shared = {key: renamed.get(key, key) for key in section.model_fields
-              if renamed.get(key, key) in arguments}
+    shared = {
+        key: renamed.get(key, key)
+        for key in section.model_fields
+        if renamed.get(key, key) in arguments
+    }
     assert len(shared) >= 2
     assert default_mismatches(section, function, shared) == []
 
@@ -391,8 +448,9 @@ def source_of(cls: type[Section], tmp_path: Path) -> Section:
     return {
         ImageFolderSource: lambda: ImageFolderSource(type="imagefolder", root=folder),
         ManifestSource: lambda: ManifestSource(type="csv", path=manifest_file),
-        TorchvisionSource: lambda: TorchvisionSource(type="torchvision", name="MNIST",
-                                                     root=tmp_path),
+        TorchvisionSource: lambda: TorchvisionSource(
+            type="torchvision", name="MNIST", root=tmp_path
+        ),
         DigitsSource: lambda: DigitsSource(type="digits", per_class=1),
         FakeSource: lambda: FakeSource(type="fake", num_samples=2),
     }[cls]()

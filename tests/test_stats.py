@@ -45,8 +45,14 @@ def folder(tmp_path: Path) -> tuple[Path, list[Path]]:
     big = np.random.default_rng(3).integers(0, 256, (28, 28, 3), dtype=np.uint8)
     Image.fromarray(big).save(root / "dog" / "big.png")
     files = add_odd_files(root)
-    readable = [p for p in root.rglob("*") if p.is_file() and p not in (files["truncated"],)
-                and p.suffix in (".png", ".jpg") and not p.name.startswith(".")]
+    readable = [
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p not in (files["truncated"],)
+        and p.suffix in (".png", ".jpg")
+        and not p.name.startswith(".")
+    ]
     return root, readable
 
 
@@ -105,14 +111,20 @@ def test_normalization_modes():
     with pytest.raises(UserError, match="dataset is measured on the training images"):
         normalization(data("dataset"), timm_cfg)
     resolved = resolve_normalization(explicit, timm_cfg, train=None)
-    assert resolved.to_dict() == {"normalize": "explicit", "mean": [0.1, 0.2, 0.3],
-                                  "std": [0.4, 0.5, 0.6]}
+    assert resolved.to_dict() == {
+        "normalize": "explicit",
+        "mean": [0.1, 0.2, 0.3],
+        "std": [0.4, 0.5, 0.6],
+    }
 
 
 def test_dataset_normalization_is_measured_on_the_training_split(folder, tmp_path):
     root, _ = folder
-    recipe = Recipe.from_dict(tiny_recipe(data={
-        "train": {"type": "imagefolder", "root": str(root)}, "normalize": "dataset"}))
+    recipe = Recipe.from_dict(
+        tiny_recipe(
+            data={"train": {"type": "imagefolder", "root": str(root)}, "normalize": "dataset"}
+        )
+    )
     images = image_folder(root, "data.train")
     good = [i for i, (path, _) in enumerate(images.samples) if "truncated" not in path.name]
     with pytest.raises(BadImageError, match="truncated.jpg.*on_bad_image: skip"):

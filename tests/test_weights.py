@@ -51,7 +51,8 @@ def test_torchvision_resnet50_checkpoint_loads_into_timm_resnet50(torchvision_re
     assert report.unexpected == [] and report.excluded == []
     assert report.mismatched == [
         {"key": "fc.bias", "file_shape": [1000], "model_shape": [5]},
-        {"key": "fc.weight", "file_shape": [1000, 2048], "model_shape": [5, 2048]}]
+        {"key": "fc.weight", "file_shape": [1000, 2048], "model_shape": [5, 2048]},
+    ]
     assert len(report.loaded) == len(tv_model.state_dict()) - 2
     assert report.warning is None
     # The same weights compute the same pooled features in both libraries.
@@ -125,12 +126,19 @@ def test_run_folder_of_ours_with_another_head(tmp_path):
 def test_rules_apply_in_order(tmp_path):
     """strip_prefix, then add_prefix, then rename, then include/exclude on the final key."""
     state = _tiny(seed=1).state_dict()
-    file_state = {f"net.encoder.{key.replace('layer', 'stage')}": value
-                  for key, value in state.items()}
+    file_state = {
+        f"net.encoder.{key.replace('layer', 'stage')}": value for key, value in state.items()
+    }
     model = _tiny()
-    report = load_partial(model, file_state, strip_prefix=["net.", "encoder."], add_prefix="x.",
-                          rename={r"^x\.": "", r"stage(\d)": r"layer\1"},
-                          include=["layer*", "conv1.*", "bn1.*", "fc.*"], exclude=["fc.*"])
+    report = load_partial(
+        model,
+        file_state,
+        strip_prefix=["net.", "encoder."],
+        add_prefix="x.",
+        rename={r"^x\.": "", r"stage(\d)": r"layer\1"},
+        include=["layer*", "conv1.*", "bn1.*", "fc.*"],
+        exclude=["fc.*"],
+    )
     assert report.excluded == ["fc.bias", "fc.weight"]
     assert report.missing == ["fc.bias", "fc.weight"] and report.unexpected == []
     _assert_same_tensors(model, state, report.loaded)
@@ -146,8 +154,11 @@ def test_unexpected_keys_and_unmatched_patterns_are_reported():
 def test_two_keys_renamed_to_one_is_an_error():
     state = _tiny().state_dict()
     with pytest.raises(UserError, match="two file keys become"):
-        load_partial(_tiny(), {**state, **{f"module.{k}": v for k, v in state.items()}},
-                     strip_prefix=["module."])
+        load_partial(
+            _tiny(),
+            {**state, **{f"module.{k}": v for k, v in state.items()}},
+            strip_prefix=["module."],
+        )
 
 
 def test_bad_rename_regex_is_an_error():
@@ -163,9 +174,15 @@ def test_head_shape_mismatch_is_skipped_and_reported():
     report = load_partial(model, source.state_dict())
     assert report.mismatched == [
         {"key": "fc.bias", "file_shape": [10], "model_shape": [3]},
-        {"key": "fc.weight", "file_shape": [10, 96], "model_shape": [3, 96]}]
-    assert report.counts == {"loaded": len(source.state_dict()) - 2, "missing": 2,
-                             "unexpected": 0, "mismatched": 2, "excluded": 0}
+        {"key": "fc.weight", "file_shape": [10, 96], "model_shape": [3, 96]},
+    ]
+    assert report.counts == {
+        "loaded": len(source.state_dict()) - 2,
+        "missing": 2,
+        "unexpected": 0,
+        "mismatched": 2,
+        "excluded": 0,
+    }
     assert torch.equal(model.fc.weight, head_before)
     _assert_same_tensors(model, source.state_dict(), report.loaded)
     assert report.to_dict()["mismatched"][1]["file_shape"] == [10, 96]
@@ -257,12 +274,17 @@ def test_bad_files_are_refused_with_a_clear_message(tmp_path):
 @pytest.mark.parametrize("kind", ["missing", "truncated", "code"])
 def test_bad_checkpoint_exits_2_from_the_cli(tmp_path, kind):
     path = tmp_path / "missing.pth" if kind == "missing" else _bad_files(tmp_path)[kind]
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
-        model={"backbone": "test_resnet", "num_classes": 3, "pretrained": str(path)}))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(model={"backbone": "test_resnet", "num_classes": 3, "pretrained": str(path)}),
+    )
     result = run_cli("plan", str(recipe))
     assert result.returncode == 2, result.stderr
     assert str(path) in result.stderr and "Traceback" not in result.stderr
-    expected = {"missing": "model.pretrained: path does not exist",
-                "truncated": "truncated or corrupt", "code": "refused to load"}[kind]
+    expected = {
+        "missing": "model.pretrained: path does not exist",
+        "truncated": "truncated or corrupt",
+        "code": "refused to load",
+    }[kind]
     assert expected in result.stderr
     assert not (tmp_path / "pwned").exists()

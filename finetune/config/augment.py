@@ -193,17 +193,21 @@ def parse_augmentation(item: Any) -> Augmentation:
     if isinstance(item, Augmentation):  # built in Python: its arguments must be of its kind
         expected = AUGMENTATIONS[item.name].args if item.name in AUGMENTATIONS else None
         if expected is None or type(item.args) is not expected:
-            raise ValueError(f"{item.name}: arguments of type {type(item.args).__name__}, "
-                             f"expected {expected.__name__ if expected else 'a known name'}")
+            raise ValueError(
+                f"{item.name}: arguments of type {type(item.args).__name__}, "
+                f"expected {expected.__name__ if expected else 'a known name'}"
+            )
         return item
     if isinstance(item, str):
         item = {item: {}}
     if not isinstance(item, dict) or len(item) != 1:
         raise ValueError(f"an augmentation is a name or a one-key mapping, got {item!r}")
-    (name, args), = item.items()
+    ((name, args),) = item.items()
     if name == "normalize":
-        raise ValueError("normalize is not an augmentation: data.normalize applies it once, after "
-                         "the augmentations (auto | imagenet | dataset | none | {mean, std})")
+        raise ValueError(
+            "normalize is not an augmentation: data.normalize applies it once, after "
+            "the augmentations (auto | imagenet | dataset | none | {mean, std})"
+        )
     if name not in AUGMENTATIONS:
         close = difflib.get_close_matches(str(name), AUGMENTATIONS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -242,7 +246,12 @@ def _dump(item: Augmentation, info: SerializationInfo) -> dict[str, dict[str, An
 # The type of ``data.augment``: parsed as a whole (duplicates and clashes are errors of the list),
 # written back in the recipe's own form.
 Augmentations = Annotated[
-    list[Annotated[Augmentation, PlainValidator(parse_augmentation),
-                   PlainSerializer(_dump, return_type=Any)]],
+    list[
+        Annotated[
+            Augmentation,
+            PlainValidator(parse_augmentation),
+            PlainSerializer(_dump, return_type=Any),
+        ]
+    ],
     BeforeValidator(parse_augmentations),
 ]

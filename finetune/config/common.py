@@ -60,5 +60,6 @@ def validated(model: type[Section], value: dict[str, Any], prefix: str) -> Secti
             if key not in problems or problems[key].startswith("wrong type"):
                 is_type = item["type"].endswith(("_type", "_parsing"))
                 problems[key] = f"wrong type (got {item['input']!r})" if is_type else message
-        raise ValueError("; ".join(f"{key}: {message}" if key else message
-                                   for key, message in problems.items())) from None
+        raise ValueError(
+            "; ".join(f"{key}: {message}" if key else message for key, message in problems.items())
+        ) from None

@@ -20,8 +20,10 @@ class NormalizeStats(Section):
     @model_validator(mode="after")
     def _unit_scale(self) -> NormalizeStats:
         if not all(0 <= m <= 1 for m in self.mean) or not all(s <= 1 for s in self.std):
-            raise ValueError("mean and std are on the 0-1 pixel scale (ImageNet's mean is "
-                             "[0.485, 0.456, 0.406]); divide 0-255 values by 255")
+            raise ValueError(
+                "mean and std are on the 0-1 pixel scale (ImageNet's mean is "
+                "[0.485, 0.456, 0.406]); divide 0-255 values by 255"
+            )
         return self
 
 
@@ -55,8 +57,10 @@ class DataConfig(Section):
     def _deterministic(cls, value: list[Augmentation]) -> list[Augmentation]:
         random = [item.name for item in value if not item.spec.deterministic]
         if random:
-            raise ValueError(f"evaluation transforms must be deterministic: only "
-                             f"{' and '.join(DETERMINISTIC)}, not {', '.join(random)}")
+            raise ValueError(
+                f"evaluation transforms must be deterministic: only "
+                f"{' and '.join(DETERMINISTIC)}, not {', '.join(random)}"
+            )
         return value
 
     @field_validator("normalize", mode="before")
@@ -65,21 +69,26 @@ class DataConfig(Section):
         if isinstance(value, dict):
             return validated(NormalizeStats, value, "")
         if value not in NORMALIZE_CHOICES:
-            raise ValueError(f"expected {' | '.join(NORMALIZE_CHOICES)} or {{mean: [r, g, b], "
-                             "std: [r, g, b]}")
+            raise ValueError(
+                f"expected {' | '.join(NORMALIZE_CHOICES)} or {{mean: [r, g, b], std: [r, g, b]}}"
+            )
         return value
 
     @field_validator("class_weights", mode="before")
     @classmethod
     def _class_weight_choice(cls, value: Any, info: ValidationInfo) -> Any:
         valid_list = isinstance(value, list) and all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in value)
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in value
+        )
         if not valid_list and value not in CLASS_WEIGHT_CHOICES:
-            raise ValueError(f"expected {' | '.join(CLASS_WEIGHT_CHOICES)} or a list of positive "
-                             "weights, one per class")
+            raise ValueError(
+                f"expected {' | '.join(CLASS_WEIGHT_CHOICES)} or a list of positive "
+                "weights, one per class"
+            )
         if value != "none" and info.data.get("sampler") == "balanced":
-            raise ValueError("data.sampler: balanced already corrects for class imbalance; "
-                             "use one of the two")
+            raise ValueError(
+                "data.sampler: balanced already corrects for class imbalance; use one of the two"
+            )
         return value
 
     @model_validator(mode="after")

@@ -34,14 +34,17 @@ class HeadConfig(Section):
     def _options_belong_to_the_type(self) -> HeadConfig:
         # Compared with the defaults, not with the keys given, so a dumped recipe reads back.
         defaults = {name: field.default for name, field in type(self).model_fields.items()}
-        mlp_only = [key for key in ("hidden", "activation", "norm")
-                    if getattr(self, key) != defaults[key]]
+        mlp_only = [
+            key for key in ("hidden", "activation", "norm") if getattr(self, key) != defaults[key]
+        ]
         if mlp_only and self.type != "mlp":
-            raise ValueError(f"{', '.join(mlp_only)}: options of the mlp head, not of "
-                             f"{self.type!r}")
+            raise ValueError(
+                f"{', '.join(mlp_only)}: options of the mlp head, not of {self.type!r}"
+            )
         if self.type not in ("linear", "mlp") and self.dropout != defaults["dropout"]:
-            raise ValueError(f"the {self.type!r} head takes its options under args, "
-                             "e.g. args: {dropout: 0.2}")
+            raise ValueError(
+                f"the {self.type!r} head takes its options under args, e.g. args: {{dropout: 0.2}}"
+            )
         return self
 
 

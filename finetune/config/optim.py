@@ -42,8 +42,10 @@ def list_optimizers() -> list[str]:
     """Every ``optimizer.name``: torch's, then the rest of timm's registry (imports timm)."""
     from timm.optim import list_optimizers as timm_optimizers
 
-    return [*TORCH_OPTIMIZERS, *(name for name in timm_optimizers()
-                                 if name not in TORCH_OPTIMIZERS)]
+    return [
+        *TORCH_OPTIMIZERS,
+        *(name for name in timm_optimizers() if name not in TORCH_OPTIMIZERS),
+    ]
 
 
 def _known_optimizer(name: str) -> str:
@@ -54,8 +56,10 @@ def _known_optimizer(name: str) -> str:
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown optimizer{hint} torch's: {', '.join(TORCH_OPTIMIZERS)}; "
-                         f"timm's: {', '.join(known[len(TORCH_OPTIMIZERS):])}")
+        raise ValueError(
+            f"unknown optimizer{hint} torch's: {', '.join(TORCH_OPTIMIZERS)}; "
+            f"timm's: {', '.join(known[len(TORCH_OPTIMIZERS) :])}"
+        )
     return name
 
 
@@ -68,8 +72,9 @@ def _lr_or_auto(value: Any) -> float | str:
     except (TypeError, ValueError):
         number = math.nan
     if not number > 0 or math.isinf(number):
-        raise ValueError("a positive number, or auto (found by the LR range test, as "
-                         "`finetune lr-find` runs it)")
+        raise ValueError(
+            "a positive number, or auto (found by the LR range test, as `finetune lr-find` runs it)"
+        )
     return number
 
 
@@ -108,10 +113,13 @@ class OptimizerConfig(Section):
 
     @field_validator("param_groups")
     @classmethod
-    def _relative_with_auto_lr(cls, rules: list[ParamGroupRule], info: ValidationInfo
-                               ) -> list[ParamGroupRule]:
+    def _relative_with_auto_lr(
+        cls, rules: list[ParamGroupRule], info: ValidationInfo
+    ) -> list[ParamGroupRule]:
         fixed = [rule.match for rule in rules if getattr(rule, "lr", None) is not None]
         if info.data.get("lr") == "auto" and fixed:
-            raise ValueError(f"with optimizer.lr: auto, give lr_mult rather than lr "
-                             f"({', '.join(fixed)}): a fixed LR cannot follow the one found")
+            raise ValueError(
+                f"with optimizer.lr: auto, give lr_mult rather than lr "
+                f"({', '.join(fixed)}): a fixed LR cannot follow the one found"
+            )
         return rules

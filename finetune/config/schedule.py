@@ -10,8 +10,19 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from finetune.config.common import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Section
 
-ScheduleName = Literal["constant", "none", "step", "multistep", "exponential", "cosine", "plateau",
-                       "lambda", "cyclic", "onecycle", "poly"]  # finetune.schedule.list_schedules()
+ScheduleName = Literal[
+    "constant",
+    "none",
+    "step",
+    "multistep",
+    "exponential",
+    "cosine",
+    "plateau",
+    "lambda",
+    "cyclic",
+    "onecycle",
+    "poly",
+]  # finetune.schedule.list_schedules()
 LOGGED_METRICS = ("val/loss", "val/top1", "val/top5", "train/loss", "train/top1")
 IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
@@ -62,22 +73,26 @@ class SchedulerConfig(Section):
     @classmethod
     def _increasing(cls, value: list[int], info: ValidationInfo) -> list[int]:
         if info.data.get("name") == "multistep" and not value:
-            raise ValueError("multistep needs the epochs at which to multiply the LR by gamma, "
-                             "e.g. [30, 60]")
+            raise ValueError(
+                "multistep needs the epochs at which to multiply the LR by gamma, e.g. [30, 60]"
+            )
         if any(later <= earlier for earlier, later in zip(value, value[1:], strict=False)):
             raise ValueError("epochs must be in increasing order, e.g. [30, 60]")
         warmup = info.data.get("warmup_epochs") or 0
         if value and value[0] <= warmup:
-            raise ValueError(f"epochs count from the start of training: each must come after "
-                             f"the warmup (warmup_epochs {warmup:g})")
+            raise ValueError(
+                f"epochs count from the start of training: each must come after "
+                f"the warmup (warmup_epochs {warmup:g})"
+            )
         return value
 
     @field_validator("gamma")
     @classmethod
     def _gamma(cls, value: float | None, info: ValidationInfo) -> float | None:
         name = info.data.get("name")
-        needed = name == "exponential" or (name == "cyclic" and
-                                            info.data.get("cycle_mode") == "exp_range")
+        needed = name == "exponential" or (
+            name == "cyclic" and info.data.get("cycle_mode") == "exp_range"
+        )
         if value is None and needed:
             raise ValueError(f"{name} needs the LR factor per epoch, e.g. 0.95")
         return value
@@ -87,8 +102,10 @@ class SchedulerConfig(Section):
     def _peak(cls, value: float | None, info: ValidationInfo) -> float | None:
         name = info.data.get("name")
         if value is None and name in ("onecycle", "cyclic"):
-            raise ValueError(f"{name} needs the peak LR (of a group at optimizer.lr; other groups "
-                             "peak in proportion), e.g. 0.1: `finetune lr-find` helps choose it")
+            raise ValueError(
+                f"{name} needs the peak LR (of a group at optimizer.lr; other groups "
+                "peak in proportion), e.g. 0.1: `finetune lr-find` helps choose it"
+            )
         return value
 
     @field_validator("monitor")
@@ -97,18 +114,22 @@ class SchedulerConfig(Section):
         if value not in LOGGED_METRICS:
             close = difflib.get_close_matches(value, LOGGED_METRICS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"{value!r} is never logged; {hint}logged: "
-                             f"{', '.join(LOGGED_METRICS)}")
+            raise ValueError(
+                f"{value!r} is never logged; {hint}logged: {', '.join(LOGGED_METRICS)}"
+            )
         return value
 
     @field_validator("lambdas")
     @classmethod
-    def _import_paths(cls, value: str | dict[str, str] | None, info: ValidationInfo
-                      ) -> str | dict[str, str] | None:
+    def _import_paths(
+        cls, value: str | dict[str, str] | None, info: ValidationInfo
+    ) -> str | dict[str, str] | None:
         if value is None:
             if info.data.get("name") == "lambda":
-                raise ValueError('the lambda schedule needs "package.module:function", or a '
-                                 'mapping of parameter groups to such paths with a default')
+                raise ValueError(
+                    'the lambda schedule needs "package.module:function", or a '
+                    "mapping of parameter groups to such paths with a default"
+                )
             return value
         paths = [value] if isinstance(value, str) else list(value.values())
         bad = [path for path in paths if not re.match(IMPORT_PATH, path)]

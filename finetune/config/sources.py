@@ -106,4 +106,5 @@ DataSource = Annotated[
 # Every source class, and every value of ``type`` (pydantic puts it into error paths).
 SOURCE_CLASSES: tuple[type[Section], ...] = get_args(get_args(DataSource)[0])
 SOURCE_TYPES: tuple[str, ...] = tuple(
-    tag for cls in SOURCE_CLASSES for tag in get_args(cls.model_fields["type"].annotation))
+    tag for cls in SOURCE_CLASSES for tag in get_args(cls.model_fields["type"].annotation)
+)

@@ -47,7 +47,5 @@ class ExportConfig(Section):
     """Defaults of ``finetune export`` for this run; its command-line options override them."""
 
     fuse_bn: bool = True
-    formats: Annotated[list[ExportFormat], Field(min_length=1)] = [
-        "safetensors", "torchscript"]
+    formats: Annotated[list[ExportFormat], Field(min_length=1)] = ["safetensors", "torchscript"]
     tolerance: NonNegativeFloat = 1e-4  # largest logit difference, relative to the largest |logit|
-
