@@ -157,14 +157,24 @@ def _size_steps(
 # ------------------------------------------------------------------------------------ batches
 class MixCollate:
     """``collate_fn`` that stacks a batch, then mixes it with MixUp or CutMix (one chosen at
-    random per batch when both are given). Labels become class probabilities (soft targets)."""
+    random per batch when both are given). Labels become class probabilities (soft targets).
+
+    A batch with an ``rng_seed`` (``finetune.data.Samples``, from a training sampler's keys) is
+    mixed with a generator seeded from it alone, so the mix is the same in any loader worker and
+    after a resume; other batches draw from the collating process's torch RNG.
+    """
 
     def __init__(self, mix: v2.Transform) -> None:
         self.mix = mix
 
     def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = default_collate(batch)
-        return self.mix(images, labels)
+        seed = getattr(batch, "rng_seed", None)
+        if seed is None:
+            return self.mix(images, labels)
+        with torch.random.fork_rng(devices=[]):  # CPU only: MixUp and CutMix draw on the CPU
+            torch.default_generator.manual_seed(seed)
+            return self.mix(images, labels)
 
 
 def build_batch_transform(

@@ -38,6 +38,7 @@ from finetune.runtime import Runtime, seed_everything
 from finetune.schedule import Schedule, build_scheduler
 from finetune.sources import count_classes
 from finetune.stats import with_measured_normalization
+from finetune.verify import verify_images
 
 
 @dataclass
@@ -126,6 +127,13 @@ def build(
             num_classes=recipe.model.num_classes,
             pretrained_cfg=pretrained_config(recipe.model.backbone),
         )
+        verify_images(  # every image file, before the run folder or the model exist
+            datasets,
+            verify=recipe.data.verify,
+            on_bad_image=recipe.data.on_bad_image,
+            num_workers=resolve_num_workers(recipe.data.num_workers),
+            progress=runtime.is_main,
+        )
         # `normalize: dataset` is measured once: the run's recipe.yaml keeps the values.
         recipe = with_measured_normalization(recipe, datasets.normalization)
     num_classes = _num_classes(recipe, datasets)
@@ -139,6 +147,7 @@ def build(
     torch.manual_seed(recipe.seed)  # the new head starts from the same weights in every command
     network = build_model(**{**dict(recipe.model), "num_classes": num_classes})
     report = freeze(network.model, **dict(recipe.freeze), head=network.head_name)
+    _check_batchnorm_batch(network.model, recipe.data.batch_size)
     model, loaders = network.model, (None, None)
     if datasets is not None:
         # Frozen BatchNorm layers compute no batch statistics: there is nothing to synchronise.
@@ -266,6 +275,21 @@ def _loaders(recipe: Recipe, runtime: Runtime, datasets: Datasets) -> tuple[Data
     )
     val = eval_loader(data, runtime, datasets.val)
     return train, val
+
+
+def _check_batchnorm_batch(model: nn.Module, batch_size: int) -> None:
+    """A BatchNorm that trains needs two images or more per batch (one has no variance)."""
+    training = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+    ]
+    if batch_size == 1 and training:
+        raise UserError(
+            f"data.batch_size: 1 cannot train the model's {len(training)} BatchNorm layers "
+            f"({training[0]}, ...): a batch of one has no variance. Set freeze.batchnorm: "
+            "frozen (their statistics then stay as loaded), or a batch size of 2 or more"
+        )
 
 
 def _num_classes(recipe: Recipe, datasets: Datasets | None) -> int:

@@ -1,7 +1,8 @@
 """The ``finetune`` command. Each command parses, calls the library, and maps errors to exit codes.
 
-Exit codes: 0 success; 2 bad input (``UserError``: recipe, paths, checkpoints, data); 130 after
-Ctrl-C; 1 anything else. Torch is imported inside commands so that ``finetune --help`` is instant.
+Exit codes: 0 success; 2 bad input (``UserError``: recipe, paths, checkpoints, data); 3 training
+diverged; 130 after Ctrl-C and 143 after SIGTERM (a checkpoint written first); 1 anything else.
+Torch is imported inside commands so that ``finetune --help`` is instant.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from finetune.errors import UserError
+        from finetune.errors import Interrupted, TrainingDiverged, UserError
 
         try:
             return command(*args, **kwargs)
@@ -60,6 +61,9 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             errors.print("interrupted", markup=False)
             raise typer.Exit(130) from None
+        except (Interrupted, TrainingDiverged) as error:
+            errors.print(f"{error}", markup=False)
+            raise typer.Exit(error.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:  # noqa: BLE001 - the top of the program: report, exit 1
@@ -108,10 +112,11 @@ def run(
     """Validate, build, train, evaluate and checkpoint. The last line printed is the run folder."""
     loaded = _load_recipe(recipe, set_)
     if nproc > 1:
-        from finetune.distributed import is_torchrun_child, launch_torchrun
+        from finetune.launch import is_torchrun_child, launch_torchrun
 
         if not is_torchrun_child():
             raise typer.Exit(launch_torchrun(nproc, _argv_without_nproc(sys.argv[1:])))
+    from finetune.errors import Interrupted
     from finetune.training import resolve_resume
     from finetune.training import run as run_training
 
@@ -120,10 +125,10 @@ def run(
         resume_dir, loaded = resolve_resume(resume, loaded, run_dir, set_ or [])
     try:
         result = run_training(loaded, run_dir=run_dir, resume=resume_dir, console=console)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         errors.print(
-            "interrupted: the last completed epoch is in last/; continue with "
-            f"`finetune run {recipe} --resume <run folder>`",
+            f"continue with `finetune run {recipe} --resume <run folder>"
+            f"{_nproc_option()}` (the run folder is printed above)",
             markup=False,
         )
         raise
@@ -134,6 +139,12 @@ def run(
     if best["epoch"] is not None:
         console.print(f"best {metric} {best[metric]:.4f} at epoch {best['epoch']}")
     console.print(str(result.run_dir), markup=False)
+
+
+def _nproc_option() -> str:
+    """`` --nproc N`` for a message printed by a torchrun worker (its argv lost the option)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" --nproc {processes}" if processes > 1 else ""
 
 
 def _argv_without_nproc(argv: list[str]) -> list[str]:
@@ -157,11 +168,20 @@ def eval_(
     ],
     data: Annotated[Path, typer.Argument(help="An image folder with one sub-folder per class.")],
     json_: JsonOpt = False,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="Allow what runs code from the files read: a TorchScript file, a head or "
+            "schedule named by import path in the run's recipe.yaml or the export's card. "
+            "Only for files you trust.",
+        ),
+    ] = False,
 ) -> None:
     """Loss, top-1, top-5 and per-class accuracy of a trained model on an image folder."""
     from finetune.inference import evaluate_folder, load_trained
 
-    trained = load_trained(source)
+    trained = load_trained(source, trust_code=trust_code)
     result = evaluate_folder(trained, data)
     if json_:
         console.print_json(json.dumps(result))
@@ -185,11 +205,21 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
     json_: JsonOpt = False,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="Allow what runs code from the files read: a TorchScript file, a head or "
+            "schedule named by import path in the run's recipe.yaml or the export's card. "
+            "Only for files you trust.",
+        ),
+    ] = False,
 ) -> None:
     """Top-k classes and probabilities for each image."""
     from finetune.inference import load_trained, predict_images
 
-    predictions = predict_images(load_trained(source), images, top_k=top_k)
+    trained = load_trained(source, trust_code=trust_code)
+    predictions = predict_images(trained, images, top_k=top_k)
     if json_:
         console.print_json(json.dumps(predictions))
         return
@@ -236,6 +266,14 @@ def export(
         ),
     ] = None,
     json_: JsonOpt = False,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="Allow a head named by import path in the run's recipe.yaml (its code is "
+            "imported and run). Only for runs you trust.",
+        ),
+    ] = False,
 ) -> None:
     """Fold BatchNorm, write deployable files, and check each against the original model.
 
@@ -243,7 +281,14 @@ def export(
     """
     from finetune.export import export_run
 
-    result = export_run(source, out=out, formats=format_, fuse_bn=fuse_bn, tolerance=tolerance)
+    result = export_run(
+        source,
+        out=out,
+        formats=format_,
+        fuse_bn=fuse_bn,
+        tolerance=tolerance,
+        trust_code=trust_code,
+    )
     info = result.info
     if json_:
         console.print_json(json.dumps(info))
@@ -427,7 +472,14 @@ def with_resume_value(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    app(args=with_resume_value(sys.argv[1:]), prog_name="finetune")
+    from finetune.launch import is_torchrun_child, worker_process
+
+    args = with_resume_value(sys.argv[1:])
+    if not is_torchrun_child():
+        app(args=args, prog_name="finetune")
+        return
+    with worker_process(errors):  # one of `run --nproc N`'s processes: the launcher reports
+        app(args=args, prog_name="finetune")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 any training (class sets, label ranges, empty splits), resolves the normalisation
 (``finetune.stats``) and wraps each split with its transform (``finetune.augment``).
 ``build_loader`` and ``build_train_sampler`` make the loaders: seeded, sharded over processes,
-optionally class-balanced.
+optionally class-balanced. A training image's random augmentations are seeded from its
+``SampleKey`` (recipe seed, epoch, position in the epoch), so the images a run sees do not depend
+on the number of loader workers, on persistent workers, or on a resume.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from finetune.augment import build_transforms
 from finetune.config.data import DataConfig
-from finetune.distributed import ShuffleShardSampler
+from finetune.distributed import SampleKey, ShuffleShardSampler
 from finetune.errors import UserError
 from finetune.images import BadImageError, load_rgb
 from finetune.sources import ImageSource, open_source
@@ -31,6 +33,7 @@ from finetune.stats import Normalization, normalization, resolve_normalization
 # Also importable from here, where they lived before (finetune.export and older user code).
 __all__ = [
     "Datasets",
+    "Samples",
     "Split",
     "build_datasets",
     "build_loader",
@@ -51,6 +54,12 @@ class Split(Dataset):
     With ``on_bad_image="skip"``, an unreadable image is replaced by the next readable item of the
     split (as timm does), so batches keep their size; each one is counted (``take_skipped``) and
     warned about. With ``"error"`` it raises, naming the file.
+
+    Indexed with a ``SampleKey`` (what the training samplers yield), the transform draws from a
+    generator seeded by the key alone, inside ``torch.random.fork_rng``: the same image for the
+    same key in any process, and the process's own RNG untouched. A replacement for a skipped
+    image keeps the key's seed. (torchvision's v2 transforms draw from torch only, not from
+    ``random`` or NumPy.)
     """
 
     def __init__(
@@ -90,15 +99,40 @@ class Split(Dataset):
                     self._skipped.value += 1
                 warnings.warn(f"skipped: {error}", stacklevel=2)
                 continue
-            return (self.transform(image) if self.transform else image), label
+            return self._transformed(image, index), label
         origin = getattr(self.source, "origin", "the data")
         raise UserError(f"{origin}: none of the {len(self)} images of this split can be read")
+
+    def __getitems__(self, indices: list[int]) -> Samples:
+        """A batch's samples (``DataLoader`` calls this); the first key's ``rng_seed(1)`` seeds
+        the batch-level randomness (``finetune.augment.MixCollate``)."""
+        samples = Samples(self[index] for index in indices)
+        if indices and isinstance(indices[0], SampleKey):
+            samples.rng_seed = indices[0].rng_seed(stream=1)
+        return samples
+
+    def _transformed(self, image: Any, index: int) -> Any:
+        if self.transform is None:
+            return image
+        if not isinstance(index, SampleKey):  # evaluation, or a sampler of the user's
+            return self.transform(image)
+        # CPU generator only: torch.manual_seed would also reseed (and fork_rng not restore) CUDA.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(index.rng_seed())
+            return self.transform(image)
 
     def take_skipped(self) -> int:
         """Images skipped since the last call (by this process and its loader workers)."""
         with self._skipped.get_lock():
             count, self._skipped.value = self._skipped.value, 0
         return count
+
+
+class Samples(list):
+    """The samples of one batch, as ``Split.__getitems__`` gives them to the ``collate_fn``;
+    ``rng_seed`` seeds the batch's own randomness (``None``: the collating process's RNG)."""
+
+    rng_seed: int | None = None
 
 
 @dataclass
@@ -259,19 +293,30 @@ def build_loader(
     persistent_workers: bool = True,
     prefetch_factor: int | None = None,
 ) -> DataLoader:
-    """A loader. For training it drops the last incomplete batch so that every optimizer step
-    sees the same batch size, unless this process's share holds one batch or less (and it
-    shuffles, when no ``sampler`` is given).
+    """A loader. For training, no batch of one image reaches a BatchNorm in training mode: when
+    this process's share of an epoch is larger than a batch, the last incomplete batch is dropped
+    (every optimizer step also sees the same batch size); a share of one batch or less is one
+    batch; a share of a single image is an error. Only ``batch_size: 1`` itself gives batches of
+    one. Without a ``sampler`` it shuffles for training.
 
     Args:
         seed: seeds the loader's generator, from which each worker's ``random``, NumPy and torch
-            generators are seeded (``torch.utils.data`` does this per worker): augmentations
-            then depend on the recipe's seed, not on what ran before.
+            generators are seeded (``torch.utils.data`` does this per worker). Training samplers'
+            ``SampleKey``s seed ``Split``'s augmentations themselves; this covers other datasets.
         collate_fn: e.g. ``finetune.augment.MixCollate`` for mixup/cutmix.
         persistent_workers, prefetch_factor: only used with ``num_workers > 0``.
+
+    Raises:
+        UserError: for training, when this process's share of the split is a single image.
     """
     workers = num_workers > 0
     items = len(sampler) if sampler is not None else len(dataset)  # this process's share
+    if train and items == 1:
+        raise UserError(
+            f"data.batch_size: this process's share of the training split ({len(dataset)} "
+            "images) is a single image, and a batch of one breaks BatchNorm in training; "
+            "use more training images (or fewer processes)"
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -39,6 +39,7 @@ from finetune.inference import (
     rebuild_exported,
 )
 from finetune.run_folder import RunFolder, find_run_folder, weights_file
+from finetune.weights import write_safetensors
 
 
 class ExportVerificationError(Exception):
@@ -72,7 +73,8 @@ def _run_artefact(fmt: str, path: Path, batch: torch.Tensor) -> torch.Tensor | N
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
         if fmt == "safetensors":
-            return rebuild_exported(path, read_card(path) or {})(batch)
+            # Our own file, just written from a run already checked (load_trained).
+            return rebuild_exported(path, read_card(path) or {}, trust_code=True)(batch)
         if fmt == "torchscript":
             return torch.jit.load(str(path), map_location="cpu")(batch)
         if fmt == "pt2":
@@ -142,14 +144,12 @@ def _installed(module: str) -> bool:
 
 
 def _save(fmt: str, model: nn.Module, path: Path, example: torch.Tensor, card: str) -> None:
-    """Write ``model`` as ``fmt`` with the model card inside the file."""
-    from safetensors.torch import save_file
-
+    """Write ``model`` as ``fmt`` with the model card inside the file (for safetensors, with a
+    checksum of tensors and card, verified when the file is read)."""
     with warnings.catch_warnings():  # tracer and legacy-exporter chatter, not the user's concern
         warnings.simplefilter("ignore")
         if fmt == "safetensors":
-            tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(tensors, path, metadata={CARD_KEY: card})
+            write_safetensors(model.state_dict(), path, metadata={CARD_KEY: card})
         elif fmt == "torchscript":  # traced: the path the example takes through any branch
             traced = torch.jit.trace(model, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={CARD_FILE: card})
@@ -196,6 +196,7 @@ def export_run(
     formats: list[str] | None = None,
     fuse_bn: bool | None = None,
     tolerance: float | None = None,
+    trust_code: bool = False,
 ) -> ExportResult:
     """Export a run's model (``best/`` unless ``source`` names a checkpoint) and verify it.
 
@@ -209,6 +210,8 @@ def export_run(
         formats: any of ``EXPORT_FORMATS``.
         fuse_bn: fold BatchNorm first (``finetune.fuse_bn``).
         tolerance: the largest accepted logit difference, relative to the largest ``|logit|``.
+        trust_code: allow a head named by import path in the run's ``recipe.yaml``
+            (``load_trained``).
 
     Raises:
         UserError: a source without a checkpoint, an unknown format, an unwritable ``out``.
@@ -219,7 +222,7 @@ def export_run(
     asked = parse_formats(formats) if formats is not None else None  # fail before loading
     if is_export(source):
         raise UserError(f"{source}: already an export; export the run folder it came from")
-    trained = load_trained(source, device="cpu")
+    trained = load_trained(source, device="cpu", trust_code=trust_code)
     defaults: ExportConfig = trained.recipe.export
     formats = asked or parse_formats(defaults.formats)
     fuse = defaults.fuse_bn if fuse_bn is None else fuse_bn

@@ -6,6 +6,10 @@ your own with ``@register_head("name")`` and name it in a recipe (``model.head.t
 point at importable code with ``type: "package.module:Class"``. The toolkit pools the backbone's
 features, initialises the head's linear and conv layers, swaps it in, and names its parameters
 after the classifier it replaces (``fc.*``, ``head.*``), so freeze and group rules can match them.
+
+An import path is followed only when the user names it: a recipe read back from a run folder and
+an export's model card are refused when they name one (``finetune.recipe.check_imports``), unless
+``--trust-code``.
 """
 
 from __future__ import annotations

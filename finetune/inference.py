@@ -4,6 +4,12 @@ A run folder carries everything needed: ``recipe.yaml`` (architecture, image siz
 ``normalization.json``, ``classes.json`` (index -> name) and the weights. An export
 (``finetune export``) carries the same facts in a model card inside each file. Evaluation and
 prediction use the model's own eval transforms and class mapping, never defaults.
+
+Nothing a file says is executed: an export is rebuilt from its safetensors file and its card
+(data), a TorchScript file (a program) is loaded only with ``trust_code``, and a recipe or card
+that names code by import path (``"package.module:Name"``) is refused unless ``trust_code``
+(``finetune.recipe.check_imports``). Weights are checked against the model before loading
+(``finetune.weights.load_weights``).
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ from finetune.fusion import restructure
 from finetune.images import load_rgb
 from finetune.loop import evaluate
 from finetune.model import build_model, pretrained_config
-from finetune.recipe import Recipe
+from finetune.recipe import Recipe, check_import_paths, check_imports
 from finetune.run_folder import RunFolder, find_run_folder, weights_file
 from finetune.runtime import Runtime
 from finetune.sources import ImageFiles, open_path
 from finetune.stats import normalization
-from finetune.weights import read_state_dict
+from finetune.weights import load_weights, read_state_dict
 
 # An export folder: one file per format, export.json, and a model card inside every file.
 FILES = {
@@ -46,7 +52,11 @@ FILES = {
 EXPORT_FILE = "export.json"
 CARD_KEY = "finetune_export"  # safetensors metadata key / extra-file stem holding the model card
 CARD_FILE = f"{CARD_KEY}.json"
-LOADABLE = ("safetensors", "torchscript")  # what load_exported (and so predict) reads, in order
+TRUST_CODE = (
+    "loading TorchScript runs code stored in the file (it can read and write files); "
+    "use the export's model.safetensors (or its folder) instead, or pass --trust-code if you "
+    "trust this file"
+)
 
 
 @dataclass
@@ -67,28 +77,36 @@ class TrainedModel:
         return build_transforms(self.recipe.data, self.mean, self.std, False)
 
 
-def load_trained(source: str | Path, device: str = "auto") -> TrainedModel:
+def load_trained(
+    source: str | Path, device: str = "auto", *, trust_code: bool = False
+) -> TrainedModel:
     """Rebuild the model of a run (``best/`` weights unless ``source`` names another file).
 
     ``source`` may also be an export (``finetune export``): its folder, or its safetensors or
     TorchScript file (``load_exported``).
+
+    Args:
+        trust_code: allow what runs code from the files read: a TorchScript file, and a head or
+            schedule named by import path in the run's ``recipe.yaml`` or the export's card.
+
+    Raises:
+        UserError: naming the file, for anything unreadable, untrusted or not fitting the model.
     """
     source = Path(source)
     if is_export(source):
-        return load_exported(source, device=device)
+        return load_exported(source, device=device, trust_code=trust_code)
     if not source.exists():
         raise UserError(f"{source}: no such run folder or checkpoint")
     folder = RunFolder(find_run_folder(source.resolve()))
     recipe = Recipe.load(folder.recipe_file, check_paths=False)
+    check_imports(recipe, source=folder.recipe_file, trust_code=trust_code)
     classes = folder.read_classes()
+    weights = weights_file(source)
+    tensors = read_state_dict(weights)  # before building: a bad file fails fast
     built = build_model(
         backbone=recipe.model.backbone, num_classes=len(classes), head=recipe.model.head
     )
-    weights = weights_file(source)
-    try:
-        built.model.load_state_dict(read_state_dict(weights))
-    except RuntimeError as error:
-        raise UserError(f"{weights}: does not fit the run's model: {error}") from None
+    load_weights(built.model, tensors, source=weights)
     saved = folder.read_normalization()
     if saved is not None:
         mean, std = saved.get("mean"), saved.get("std")
@@ -178,21 +196,41 @@ def is_export(path: str | Path) -> bool:
 
 
 def read_card(path: Path) -> dict[str, Any] | None:
-    """The model card stored in an exported safetensors or TorchScript file, else None."""
+    """The model card stored in an exported safetensors or TorchScript file, else None.
+
+    Only reads data: the safetensors header, or the TorchScript archive as a zip file.
+
+    Raises:
+        UserError: naming the file, when its card is not a JSON object.
+    """
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), "pt") as handle:
                 text = (handle.metadata() or {}).get(CARD_KEY)
-        except (SafetensorError, OSError):
-            return None
-        return json.loads(text) if text else None
-    if not zipfile.is_zipfile(path):
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise UserError(
+                f"{path}: not a readable safetensors file, truncated or corrupt ({error})"
+            ) from None
+    else:
+        try:
+            if not zipfile.is_zipfile(path):
+                return None
+            with zipfile.ZipFile(path) as archive:  # TorchScript and pt2 keep extra files here
+                names = [n for n in archive.namelist() if n.endswith(f"/extra/{CARD_FILE}")]
+                text = archive.read(names[0]).decode() if names else None
+        except (OSError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as error:
+            raise UserError(f"{path}: not a readable export ({error})") from None
+    if not text:
         return None
-    with zipfile.ZipFile(path) as archive:  # TorchScript and pt2 files keep extra files here
-        names = [n for n in archive.namelist() if n.endswith(f"/extra/{CARD_FILE}")]
-        return json.loads(archive.read(names[0])) if names else None
+    try:
+        card = json.loads(text)
+    except ValueError as error:
+        raise UserError(f"{path}: its {CARD_KEY} model card is not valid JSON ({error})") from None
+    if not isinstance(card, dict):
+        raise UserError(f"{path}: its {CARD_KEY} model card is not a JSON object")
+    return card
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -200,67 +238,115 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/data.pkl") for name in archive.namelist())
 
 
-def load_exported(path: str | Path, device: str = "auto") -> TrainedModel:
+def load_exported(
+    path: str | Path, device: str = "auto", *, trust_code: bool = False
+) -> TrainedModel:
     """A ``TrainedModel`` from an export folder or an exported safetensors/TorchScript file.
 
-    A folder is read through its safetensors file, else its TorchScript file. The eval
-    transforms and class names come from the card inside the file, as the run's would.
+    A folder is read through its safetensors file: the model is rebuilt from the card's
+    architecture and the file's tensors, so nothing from the file is executed. The eval
+    transforms and class names come from the card, as the run's would. A TorchScript file is a
+    program: it is loaded (and its code run) only with ``trust_code``; pt2 files are not loaded.
+
+    Raises:
+        UserError: naming the file, for anything unreadable, untrusted or not fitting the model.
     """
     path = Path(path)
     if path.is_dir():
-        path = _loadable_file(path)
+        path = _loadable_file(path, trust_code)
+    if path.suffix != ".safetensors":
+        _refuse_program(path, trust_code)
     card = read_card(path)
     if card is None:
         raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
-    recipe = Recipe.from_dict(
-        yaml.safe_load(card["recipe"]), source=f"{path} (its recipe)", check_paths=False
-    )
     if path.suffix == ".safetensors":
-        model = rebuild_exported(path, card)
-    elif not _is_torchscript(path):
-        raise UserError(
-            f"{path}: a pt2 export; load the export's folder, or its safetensors or "
-            "TorchScript file (torch.export.load reads this one)"
-        )
+        model = rebuild_exported(path, card, trust_code=trust_code)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
             model = torch.jit.load(str(path), map_location="cpu")
+    recipe = _card_recipe(path, card, trust_code)
     runtime = Runtime.create(device=device, precision="fp32", channels_last=False)
     return TrainedModel(
         runtime.prepare(model).eval(),
-        card["classes"],
+        _card_field(path, card, "classes"),
         recipe,
         runtime,
-        card["mean"],
-        card["std"],
+        _card_field(path, card, "mean"),
+        _card_field(path, card, "std"),
         recipe.data.image_size,
     )
 
 
-def _loadable_file(folder: Path) -> Path:
-    info = json.loads((folder / EXPORT_FILE).read_text())
-    for fmt in LOADABLE:
-        if fmt in info.get("formats", {}) and (folder / info["formats"][fmt]).is_file():
-            return folder / info["formats"][fmt]
-    raise UserError(
-        f"{folder}: has no {' or '.join(LOADABLE)} file to load; export again with "
-        "--format safetensors"
-    )
-
-
-def rebuild_exported(path: Path, card: dict[str, Any]) -> nn.Module:
-    """The card's architecture, given the fused structure, with the file's weights."""
-    if "backbone" not in card:
-        raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
-    built = build_model(
-        backbone=card["backbone"], num_classes=card["num_classes"], head=HeadConfig(**card["head"])
-    )
-    model = restructure(built.model, card["folded"])
-    try:
-        model.load_state_dict(read_state_dict(path))
-    except RuntimeError as error:
+def _refuse_program(path: Path, trust_code: bool) -> None:
+    """A TorchScript file unless ``trust_code``, and a pt2 file always, are refused."""
+    if not zipfile.is_zipfile(path) or not _is_torchscript(path):
         raise UserError(
-            f"{path}: weights do not fit the model its card describes: {error}"
-        ) from None
+            f"{path}: a pt2 export or another program, which finetune does not load (loading "
+            "one runs code from the file); use the export's model.safetensors or its folder"
+        )
+    if not trust_code:
+        raise UserError(f"{path}: a TorchScript file, refused: {TRUST_CODE}")
+
+
+def _card_field(path: Path, card: dict[str, Any], key: str) -> Any:
+    if key not in card:
+        raise UserError(f"{path}: its {CARD_KEY} model card has no {key!r}")
+    return card[key]
+
+
+def _card_recipe(path: Path, card: dict[str, Any], trust_code: bool) -> Recipe:
+    """The card's recipe, refused when it names code to import (unless ``trust_code``)."""
+    text = _card_field(path, card, "recipe")
+    try:
+        data = yaml.safe_load(text) if isinstance(text, str) else None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: its card's recipe is not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: its card's recipe is not a mapping of keys")
+    recipe = Recipe.from_dict(data, source=f"{path} (its recipe)", check_paths=False)
+    check_imports(recipe, source=f"{path} (the recipe in its card)", trust_code=trust_code)
+    return recipe
+
+
+def _loadable_file(folder: Path, trust_code: bool) -> Path:
+    """The file an export folder is read through: its safetensors file; its TorchScript file
+    only with ``trust_code``. Fixed names: ``export.json`` does not choose what is opened."""
+    safetensors, torchscript = folder / FILES["safetensors"], folder / FILES["torchscript"]
+    if safetensors.is_file():
+        return safetensors
+    if trust_code and torchscript.is_file():
+        return torchscript
+    also = f" ({torchscript.name} is there: {TRUST_CODE})" if torchscript.is_file() else ""
+    raise UserError(
+        f"{folder}: has no {safetensors.name} to load; export again with --format safetensors{also}"
+    )
+
+
+def rebuild_exported(path: Path, card: dict[str, Any], *, trust_code: bool = False) -> nn.Module:
+    """The card's architecture, given the fused structure, with the file's weights.
+
+    The file's tensors are read (and their checksum verified) before the card is used, and a
+    head named by import path in the card is refused unless ``trust_code``.
+    """
+    if "backbone" not in card or not isinstance(card.get("head"), dict):
+        raise UserError(f"{path}: not a finetune export (no {CARD_KEY} model card inside)")
+    tensors = read_state_dict(path)
+    head_type = card["head"].get("type", "linear")
+    if isinstance(head_type, str) and ":" in head_type:
+        check_import_paths(
+            {"head.type": head_type}, source=f"{path} (its model card)", trust_code=trust_code
+        )
+    try:
+        head = HeadConfig(**card["head"])
+    except ValueError as error:  # pydantic's ValidationError
+        raise UserError(f"{path}: its model card's head is invalid ({error})") from None
+    built = build_model(
+        backbone=card["backbone"], num_classes=_card_field(path, card, "num_classes"), head=head
+    )
+    try:
+        model = restructure(built.model, _card_field(path, card, "folded"))
+    except (AttributeError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: its model card's folded layers do not fit ({error})") from None
+    load_weights(model, tensors, source=path)
     return model.eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -148,6 +149,83 @@ def _parse_assignment(item: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key.strip(), value
+
+
+# --------------------------------------------------------------------- code named by a file
+TRUST_HINT = "if you trust it, pass --trust-code"
+
+
+def import_paths(recipe: Recipe) -> dict[str, str]:
+    """The code a recipe names by import path (``"package.module:Name"``), by dotted key.
+
+    Example:
+        >>> import_paths(recipe)
+        {'model.head.type': 'my_heads:CosineHead', 'scheduler.lambdas.default': 'lr:warm'}
+    """
+    found = {}
+    if ":" in recipe.model.head.type:
+        found["model.head.type"] = recipe.model.head.type
+    lambdas = recipe.scheduler.lambdas
+    if isinstance(lambdas, str):
+        found["scheduler.lambdas"] = lambdas
+    elif lambdas:
+        found.update({f"scheduler.lambdas.{key}": path for key, path in lambdas.items()})
+    return found
+
+
+def check_import_paths(
+    paths: Mapping[str, str],
+    *,
+    source: str | Path,
+    allowed: Recipe | None = None,
+    trust_code: bool = False,
+    hint: str = TRUST_HINT,
+) -> None:
+    """Refuse import paths read from a file finetune wrote (a run's ``recipe.yaml``, an
+    export's model card): importing them would run whatever code the file names.
+
+    Args:
+        paths: dotted key -> import path, as ``import_paths`` gives them.
+        source: the file the paths were read from, named in the error.
+        allowed: the user's own recipe (from the command line): the paths it names are allowed.
+        trust_code: allow every path (``--trust-code``).
+        hint: what the user can do about it, at the end of the message.
+
+    Raises:
+        UserError: naming ``source`` and each refused key with its path.
+    """
+    if trust_code:
+        return
+    permitted = set(import_paths(allowed).values()) if allowed is not None else set()
+    refused = {key: path for key, path in paths.items() if path not in permitted}
+    if refused:
+        raise UserError(
+            f"{source}: refused: it names code to import and run, and finetune imports code "
+            f"only when you name it yourself; {hint}",
+            [f"{key}: {path!r}" for key, path in refused.items()],
+        )
+
+
+def check_imports(
+    recipe: Recipe,
+    *,
+    source: str | Path,
+    allowed: Recipe | None = None,
+    trust_code: bool = False,
+    hint: str = TRUST_HINT,
+) -> None:
+    """Refuse a recipe read back from a run folder or an export when it names code by import
+    path (``import_paths``) that ``allowed`` (the user's own recipe) does not name too.
+
+    Heads and schedules named by registered name pass. Call it before building anything.
+
+    Example:
+        >>> saved = Recipe.load(run / "recipe.yaml", check_paths=False)
+        >>> check_imports(saved, source=run / "recipe.yaml", allowed=user_recipe)
+    """
+    check_import_paths(
+        import_paths(recipe), source=source, allowed=allowed, trust_code=trust_code, hint=hint
+    )
 
 
 # ------------------------------------------------------------------------- sections from Python

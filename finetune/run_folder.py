@@ -5,33 +5,46 @@ Layout (a contract scripts rely on)::
     checkpoints/<name>/<timestamp>/
       recipe.yaml  metrics.jsonl  summary.json  classes.json  normalization.json
       load_report.json
-      last/  best/          model.safetensors + state.pt (optimizer, scheduler, scaler, epoch, RNG)
+      ckpt/e0003-s000000/   one checkpoint: model.safetensors, state.safetensors, state.json
+      last -> ckpt/...      the newest checkpoint (what --resume continues from)
+      best -> ckpt/...      the checkpoint of the best epoch
       model.safetensors     -> best/model.safetensors: "the run's model", for `pretrained:` paths
       plots/curves.png  lr_find/  export/
     checkpoints/<name>/latest -> <timestamp>
 
-Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written file. ``state.pt`` holds only tensors and plain values: it loads with
-``weights_only=True``.
+A checkpoint is one atomic commit (``commit_checkpoint``): its files are written and fsynced in
+a fresh staging folder, the folder is renamed to its final name, and only then do the ``last``
+(and ``best``) links move, each with one ``os.replace``. A kill at any instant leaves the
+previous checkpoint whole and the links pointing at complete folders; ``recover`` (on
+``--resume``) takes the newest complete checkpoint, repairs the links, removes what an
+interrupted save left, and rewrites ``metrics.jsonl`` from the checkpoint, which carries every
+row up to its position. Other files are written to a temporary name and renamed into place.
+Nothing in a checkpoint is a pickle: tensors are safetensors, the rest JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from finetune.errors import UserError
-from finetune.weights import read_state_dict
+from finetune.state_files import read_state, write_state
+from finetune.weights import read_safetensors, write_safetensors
 
 WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+CHECKPOINTS = "ckpt"
+STAGING = ".staging-"  # prefix of a checkpoint being written
 RECIPE_FILE = "recipe.yaml"
 CLASSES_FILE = "classes.json"
 NORMALIZATION_FILE = "normalization.json"
@@ -44,16 +57,56 @@ TAGS = ("best", "last")  # the checkpoints a run keeps, in the order a weights l
 
 # ------------------------------------------------------------------------------ atomic writes
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The file gets the permissions the umask gives a new file. A write that fails (a full disk,
+    no permission) leaves no temporary file and is a ``UserError`` naming ``path``.
+    """
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private (0600)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, permissions, read-only file system) into a UserError."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except OSError as error:
+        if error.errno in (
+            errno.ENOSPC,
+            errno.EDQUOT,
+            errno.EACCES,
+            errno.EPERM,
+            errno.EROFS,
+            errno.ENOTDIR,
+            errno.EEXIST,
+        ):
+            raise UserError(f"{path}: cannot write ({error.strerror or error})") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -74,14 +127,22 @@ def replace_with_link(link: Path, target: str) -> None:
 
 
 # ------------------------------------------------------------------------------ finding runs
-def new_run_dir(output_dir: Path, name: str) -> Path:
-    """``<output_dir>/<name>/<timestamp>``, unique even for two runs in the same second."""
+def claim_run_dir(output_dir: Path, name: str) -> Path:
+    """Create and return ``<output_dir>/<name>/<timestamp>``: the folder is claimed by its
+    ``mkdir``, so two runs started in the same second get ``<timestamp>`` and
+    ``<timestamp>-1``, never one folder."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent = output_dir / name
-    candidate, n = parent / stamp, 1
-    while candidate.exists():
-        candidate, n = parent / f"{stamp}-{n}", n + 1
-    return candidate
+    with _writing(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            candidate = parent / (stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return candidate
+    raise UserError(f"{parent}: cannot find a free run folder name for {stamp}")
 
 
 def latest_run(output_dir: Path, name: str) -> Path:
@@ -116,9 +177,10 @@ def weights_file(path: str | Path) -> Path:
     raise UserError(f"weights file not found: {path}")
 
 
-def is_resumable(path: Path) -> bool:
-    """Whether ``path`` is a run folder with a ``last/`` checkpoint to continue from."""
-    return (path / RECIPE_FILE).is_file() and (path / "last").is_dir()
+def checkpoint_name(epoch: int, step: int) -> str:
+    """``e0003-s000120-<ns>``: after ``epoch`` whole epochs and ``step`` optimizer steps of the
+    next, made unique by the time; names sort in training order."""
+    return f"e{epoch:04d}-s{step:06d}-{time.time_ns()}"
 
 
 class RunFolder:
@@ -128,10 +190,13 @@ class RunFolder:
         self.path = Path(path)
 
     def create(self) -> None:
+        """Make the folder (``--run-dir``: it may exist already, e.g. to continue in it)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UserError(f"--run-dir: cannot create {self.path}: {error}") from None
+            raise UserError(
+                f"{self.path}: cannot create the run folder: {error.strerror or error}"
+            ) from None
 
     def link_latest(self) -> None:
         """Point ``<run folder>/../latest`` at this run."""
@@ -192,42 +257,124 @@ class RunFolder:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def append_metrics(self, row: dict[str, Any]) -> None:
-        """Add one epoch's row, dropping rows of later epochs left by an interrupted run."""
-        rows = [r for r in self.read_metrics() if r["epoch"] < row["epoch"]] + [row]
+    # ----------------------------------------------------------------------- checkpoints
+    def commit_checkpoint(
+        self, model: torch.nn.Module, state: dict[str, Any], *, best: bool
+    ) -> str:
+        """Save ``model`` and ``state`` as one checkpoint, make it ``last`` (and ``best``), and
+        return its name (with ``best``, also recorded as the state's ``best_checkpoint``).
+
+        ``state`` carries ``epoch``, ``step`` and the ``history`` of metrics rows so far; the
+        metrics file is rewritten from it, so it never runs ahead of or behind the checkpoint.
+        """
+        folder = self.path / CHECKPOINTS
+        name = checkpoint_name(state["epoch"], state["step"])
+        if best:
+            state = {**state, "best_checkpoint": name}
+        with _writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=folder))
+            try:
+                self._write_checkpoint(staging, model, state)
+                os.rename(staging, folder / name)  # the commit: a complete folder or none
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            _fsync(folder)
+            replace_with_link(self.path / "last", f"{CHECKPOINTS}/{name}")
+            if best:
+                replace_with_link(self.path / "best", f"{CHECKPOINTS}/{name}")
+                if not (self.path / WEIGHTS_FILE).is_symlink():
+                    replace_with_link(self.path / WEIGHTS_FILE, f"best/{WEIGHTS_FILE}")
+            _fsync(self.path)
+        self._write_metrics(state["history"])
+        self._prune()
+        return name
+
+    @staticmethod
+    def _write_checkpoint(folder: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
+        folder.chmod(0o777 & ~_umask())  # mkdtemp makes folders private (0700)
+        position = {"epoch": str(state["epoch"]), "step": str(state["step"])}
+        write_safetensors(model.state_dict(), folder / WEIGHTS_FILE, metadata=position)
+        written = [
+            folder / WEIGHTS_FILE,
+            *write_state(folder, state, tensors_file=STATE_TENSORS, json_file=STATE_JSON),
+        ]
+        for path in written:
+            path.chmod(0o666 & ~_umask())
+            _fsync(path)
+        _fsync(folder)
+
+    def _prune(self) -> None:
+        """Remove checkpoints that neither ``last`` nor ``best`` points at, and staging folders
+        an interrupted save left."""
+        kept = {
+            link.resolve() for link in (self.path / "last", self.path / "best") if link.exists()
+        }
+        for folder in (self.path / CHECKPOINTS).iterdir():
+            if folder.resolve() not in kept:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
         atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
-    # ----------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, tag: str, model: torch.nn.Module, state: dict[str, Any]) -> None:
-        """``<tag>/model.safetensors`` then ``<tag>/state.pt`` (both carry the epoch)."""
-        folder = self.path / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp, metadata={"epoch": str(state["epoch"])})
-        os.replace(tmp, folder / WEIGHTS_FILE)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state.", suffix=".tmp")
-        os.close(fd)
-        torch.save(state, tmp)
-        os.replace(tmp, folder / STATE_FILE)
-        if tag == "best":
-            replace_with_link(self.path / WEIGHTS_FILE, f"{tag}/{WEIGHTS_FILE}")
+    def recover(self) -> Path | None:
+        """Before a resume: the newest complete checkpoint (``None`` if there is none), with
+        ``last`` and ``best`` pointing where it says, leftovers of an interrupted save removed,
+        ``metrics.jsonl`` cut back to the rows it covers, and the last summary removed: it
+        describes how an invocation ended, and this one has not (it is written again when this
+        one ends), so no stale summary sits beside newer checkpoints."""
+        (self.path / SUMMARY_FILE).unlink(missing_ok=True)
+        folder = self.path / CHECKPOINTS
+        complete = (
+            sorted(
+                path
+                for path in folder.glob("e*-s*")
+                if not path.name.startswith(STAGING) and _is_complete(path)
+            )
+            if folder.is_dir()
+            else []
+        )
+        if not complete:
+            if folder.is_dir():
+                shutil.rmtree(folder)
+            for link in ("last", "best", WEIGHTS_FILE):
+                (self.path / link).unlink(missing_ok=True)
+            (self.path / METRICS_FILE).unlink(missing_ok=True)
+            return None
+        newest = complete[-1]
+        state = self.read_checkpoint_state(newest)
+        for copied in (self.path / "last", self.path / "best"):
+            if copied.is_dir() and not copied.is_symlink():  # a copy made with links followed
+                shutil.rmtree(copied)
+        replace_with_link(self.path / "last", f"{CHECKPOINTS}/{newest.name}")
+        best = state.get("best_checkpoint")
+        if best and (folder / best).is_dir():
+            replace_with_link(self.path / "best", f"{CHECKPOINTS}/{best}")
+            replace_with_link(self.path / WEIGHTS_FILE, f"best/{WEIGHTS_FILE}")
+        self._write_metrics(state["history"])
+        self._prune()
+        return newest
+
+    def read_checkpoint_state(self, checkpoint: Path) -> dict[str, Any]:
+        return read_state(checkpoint, tensors_file=STATE_TENSORS, json_file=STATE_JSON)
 
     def load_checkpoint(self, tag: str = "last") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(model tensors, state) of ``<tag>/``, checked to belong to the same epoch."""
+        """(model tensors, state) of the checkpoint ``tag`` points at, checked to belong to the
+        same position."""
         folder = self.path / tag
-        if not (folder / STATE_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-            raise UserError(f"--resume: {folder} has no complete checkpoint to resume from")
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        tensors = read_state_dict(folder / WEIGHTS_FILE)
-        from safetensors import safe_open
-
-        with safe_open(folder / WEIGHTS_FILE, "pt") as handle:
-            epoch = (handle.metadata() or {}).get("epoch")
-        if epoch != str(state["epoch"]):
+        if not _is_complete(folder):
+            raise UserError(f"{folder}: no complete checkpoint here")
+        state = self.read_checkpoint_state(folder)
+        tensors, metadata = read_safetensors(folder / WEIGHTS_FILE)  # checksum verified
+        position = {key: metadata.get(key) for key in ("epoch", "step")}
+        if position != {"epoch": str(state.get("epoch")), "step": str(state.get("step"))}:
             raise UserError(
-                f"--resume: {folder}: weights (epoch {epoch}) and state "
-                f"(epoch {state['epoch']}) disagree; the save was interrupted"
+                f"{folder}: its weights ({position}) and state (epoch "
+                f"{state.get('epoch')}, step {state.get('step')}) disagree"
             )
         return tensors, state
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in (WEIGHTS_FILE, STATE_TENSORS, STATE_JSON))

@@ -166,21 +166,55 @@ class Runtime:
         self.scaler.scale(loss).backward()
 
     def step(
-        self, optimizer: torch.optim.Optimizer, model: nn.Module, clip_grad_norm: float | None
-    ) -> None:
-        """Unscale (fp16), clip, step and zero the gradients."""
-        if clip_grad_norm is not None:
-            self.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        clip_grad_norm: float | None,
+        norm: bool = False,
+    ) -> torch.Tensor | None:
+        """Unscale (fp16), clip, step and zero the gradients. Returns the gradients' total norm
+        (a device tensor: reading it is left to the caller) when clipping computed it or
+        ``norm`` asked for it, else ``None``."""
+        if clip_grad_norm is None and not norm:
+            total = None
+        else:
+            self.scaler.unscale_(optimizer)  # the true gradients (a no-op unless fp16)
+            total = (
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                if clip_grad_norm is not None
+                else gradient_norm(model.parameters(), self.device)
+            )
         self.scaler.step(optimizer)
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def agree(self, flag: bool) -> bool:
+        """``flag`` on any process makes it true on every process (one tiny all-reduce per call
+        with several processes; free with one)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over processes (identity in a single process)."""
         if self.world_size > 1:
             torch.distributed.all_reduce(values)
         return values
+
+
+def gradient_norm(parameters: Any, device: torch.device) -> torch.Tensor:
+    """The 2-norm of all gradients together, computed on the device (no host sync)."""
+    norms = [
+        torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+        for p in parameters
+        if p.grad is not None
+    ]
+    if not norms:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 # ---------------------------------------------------------------------------- random generators

@@ -2,11 +2,18 @@
 
 ``run(recipe)`` is what ``finetune run`` calls. Every object is built, and every input checked
 (``finetune.build``), before the run folder is created, so a bad recipe or a bad dataset leaves
-nothing behind.
+nothing behind. While it trains, SIGINT and SIGTERM ask the loop to checkpoint after the current
+optimizer step and stop (``Interrupted``); a second signal stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +22,15 @@ from rich.console import Console
 
 from finetune.build import Built, build, eval_loader
 from finetune.describe import describe_run, plot_curves
-from finetune.errors import UserError
-from finetune.loop import FitOptions, LoopState, evaluate, fit
+from finetune.errors import TrainingDiverged, UserError
+from finetune.loop import FitOptions, LoopState, StopRequest, evaluate, fit
 from finetune.progress import EpochProgress
-from finetune.recipe import Recipe
-from finetune.run_folder import RunFolder, is_resumable, latest_run, new_run_dir
-from finetune.runtime import restore_rng_state
+from finetune.recipe import Recipe, check_imports
+from finetune.resume import changes_on_resume, restore
+from finetune.run_folder import RunFolder, claim_run_dir, latest_run
+from finetune.weights import load_weights
+
+REPEAT_SECONDS = 2.0  # a second signal sooner than this repeats the first request
 
 
 @dataclass
@@ -43,43 +53,44 @@ def run(
         resume: a run folder to continue from its ``last/`` checkpoint (``run_dir`` is ignored).
     """
     console = console or Console()
+    changed: set[str] = set()
+    if resume:  # refuse what cannot change before anything is built
+        saved = Recipe.load(RunFolder(Path(resume)).recipe_file, check_paths=False)
+        changed = changes_on_resume(saved, recipe)
     built = build(recipe)
     recipe, runtime = built.recipe, built.runtime
-    # Every process must write to (and resume from) the folder rank 0 names.
-    folder = RunFolder(
-        runtime.broadcast(
-            Path(resume)
-            if resume
-            else Path(run_dir)
-            if run_dir
-            else new_run_dir(recipe.output.dir, recipe.name)
-        )
-    )
+    # Every process must write to (and resume from) the folder rank 0 names (and claims).
+    folder = RunFolder(runtime.broadcast(_run_folder(recipe, run_dir, resume, runtime.is_main)))
     state = LoopState()
     if resume:
-        runtime.barrier()
-        state = _restore(folder, built)
+        state = _recover(folder, built, changed, console)
     if runtime.is_main:
         _start_folder(folder, built, link=not resume and run_dir is None)
         describe_run(built, folder, console)
-    test_metrics = None
+    stop, status, test_metrics = StopRequest(), "interrupted", None
     try:
-        fit(
-            built.model,
-            built.train_loader,
-            built.val_loader,
-            built.optimizer,
-            built.schedule,
-            runtime,
-            fit_options(built),
-            state=state,
-            run=folder if runtime.is_main else None,
-            progress=EpochProgress(enabled=runtime.is_main, console=console),
-            unfreeze=built.unfreeze,
-        )
-        test_metrics = evaluate_test_split(built, folder)
+        with _stop_on_signals(stop):
+            fit(
+                built.model,
+                built.train_loader,
+                built.val_loader,
+                built.optimizer,
+                built.schedule,
+                runtime,
+                fit_options(built),
+                state=state,
+                run=folder if runtime.is_main else None,
+                progress=EpochProgress(enabled=runtime.is_main, console=console),
+                unfreeze=built.unfreeze,
+                stop=stop,
+            )
+            test_metrics = evaluate_test_split(built, folder)
+        status = "completed"
+    except TrainingDiverged:
+        status = "diverged"
+        raise
     finally:
-        summary = _summary(folder, state, built, completed=state.epoch == recipe.train.epochs)
+        summary = _summary(folder, state, built, status)
         if test_metrics is not None:
             summary["test"] = test_metrics
             if runtime.is_main:
@@ -96,6 +107,42 @@ def run(
     return RunResult(folder.path, summary)
 
 
+def _run_folder(
+    recipe: Recipe, run_dir: str | Path | None, resume: str | Path | None, main: bool
+) -> Path | None:
+    """The folder of this run: the one resumed, ``--run-dir``, or a new one claimed under
+    ``output.dir`` (on the main process; the others get it by broadcast)."""
+    if resume:
+        return Path(resume)
+    if run_dir:
+        return Path(run_dir)
+    return claim_run_dir(recipe.output.dir, recipe.name) if main else None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """SIGINT and SIGTERM set ``stop``; another one more than ``REPEAT_SECONDS`` later raises
+    ``KeyboardInterrupt`` at once. Closer repeats are the same request: schedulers (systemd,
+    Slurm) send SIGTERM to every process of a job, and the launcher of ``--nproc`` forwards it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    first = [0.0]
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.signum is None:
+            stop.signum, first[0] = signum, time.monotonic()
+        elif time.monotonic() - first[0] > REPEAT_SECONDS:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def fit_options(built: Built) -> FitOptions:
     """The ``train:`` and ``output:`` keys the loop reads, with the run's class count."""
     train = built.recipe.train
@@ -107,6 +154,7 @@ def fit_options(built: Built) -> FitOptions:
         label_smoothing=train.label_smoothing,
         save_best=built.recipe.output.save_best,
         class_weights=built.class_weights(),
+        checkpoint_every=train.checkpoint_every,
     )
 
 
@@ -117,7 +165,7 @@ def evaluate_test_split(built: Built, folder: RunFolder) -> dict[str, Any] | Non
         return None
     runtime.barrier()  # rank 0 has written best/
     tensors, _ = folder.load_checkpoint("best")
-    runtime.unwrap(built.model).load_state_dict(tensors)
+    load_weights(runtime.unwrap(built.model), tensors, source=folder.path / "best")
     loader = eval_loader(built.recipe.data, runtime, datasets.test, once=True)
     metrics = evaluate(built.model, loader, runtime, built.num_classes)
     return {key.replace("val/", "test/"): value for key, value in metrics.items()}
@@ -129,6 +177,9 @@ def resolve_resume(
     """The run folder to resume and its saved recipe with this command's ``--set`` applied.
 
     ``resume`` is a run folder, or ``latest``: ``--run-dir`` if given, else the recipe's latest run.
+    A run folder without a checkpoint yet (killed before its first one) starts from the
+    beginning, with its saved recipe. The saved recipe is a file we read back: code it names by
+    import path (a head, an LR lambda) is refused unless ``recipe``, the user's own, names it too.
     """
     if resume == "latest":
         folder = run_dir or latest_run(recipe.output.dir, recipe.name)
@@ -137,9 +188,14 @@ def resolve_resume(
     folder = RunFolder(folder.resolve())
     if not folder.recipe_file.is_file():
         raise UserError(f"--resume: {folder.path} is not a run folder (no recipe.yaml)")
-    if not is_resumable(folder.path):
-        raise UserError(f"--resume: {folder.path} has no last/ checkpoint to resume from")
-    return folder.path, Recipe.load(folder.recipe_file, overrides)
+    saved = Recipe.load(folder.recipe_file, overrides)
+    check_imports(
+        saved,
+        source=folder.recipe_file,
+        allowed=recipe,
+        hint="if you trust it, name the same path in the recipe you pass on the command line",
+    )
+    return folder.path, saved
 
 
 def _start_folder(folder: RunFolder, built: Built, link: bool) -> None:
@@ -158,33 +214,40 @@ def _start_folder(folder: RunFolder, built: Built, link: bool) -> None:
         folder.link_latest()
 
 
-def _restore(folder: RunFolder, built: Built) -> LoopState:
-    """Weights, optimizer, schedule, loss scale and random generators of ``last/``."""
-    tensors, saved = folder.load_checkpoint("last")
-    built.runtime.unwrap(built.model).load_state_dict(tensors)
-    built.optimizer.load_state_dict(saved["optimizer"])
-    built.schedule.load_state_dict(saved["scheduler"])
-    built.runtime.load_scaler_state(saved["scaler"])
-    restore_rng_state(saved["rng"])
-    history = [row for row in folder.read_metrics() if row["epoch"] <= saved["epoch"]]
-    return LoopState(
-        epoch=saved["epoch"],
-        best_epoch=saved["best_epoch"],
-        best_value=saved["best_value"],
-        train_seconds=saved["train_seconds"],
-        history=history,
+def _recover(folder: RunFolder, built: Built, changed: set[str], console: Console) -> LoopState:
+    """The newest complete checkpoint restored into ``built`` (rank 0 first repairs what a kill
+    during a save left); a fresh start when there is none."""
+    if built.runtime.is_main and folder.recover() is None:
+        console.print(
+            f"{folder.path}: no checkpoint yet; starting from the beginning", highlight=False
+        )
+    built.runtime.barrier()
+    return restore(folder, built, changed)
+
+
+def _summary(folder: RunFolder, state: LoopState, built: Built, status: str) -> dict[str, Any]:
+    metric = built.recipe.output.save_best
+    return _finite(
+        {
+            "status": status,
+            "processes": built.runtime.world_size,
+            "effective_batch_size": built.effective_batch_size,
+            "best": {"epoch": state.best_epoch, metric: state.best_value},
+            "final": state.history[-1] if state.history else {},
+            "epochs": state.epoch,
+            "steps_into_next_epoch": state.position.step,
+            "train_seconds": round(state.train_seconds + state.position.seconds, 3),
+            "run_dir": str(folder.path),
+        }
     )
 
 
-def _summary(folder: RunFolder, state: LoopState, built: Built, completed: bool) -> dict[str, Any]:
-    metric = built.recipe.output.save_best
-    return {
-        "status": "completed" if completed else "interrupted",
-        "processes": built.runtime.world_size,
-        "effective_batch_size": built.effective_batch_size,
-        "best": {"epoch": state.best_epoch, metric: state.best_value},
-        "final": state.history[-1] if state.history else {},
-        "epochs": state.epoch,
-        "train_seconds": round(state.train_seconds, 3),
-        "run_dir": str(folder.path),
-    }
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None``: summary.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value

@@ -1,15 +1,25 @@
-"""Reading weight files safely and loading them partially into a model, with a report.
+"""Reading and writing weight files safely, and loading them partially into a model, with a report.
 
 Every user brings weights from somewhere else: a torchvision checkpoint, a DataParallel save, a run
 of ours with another head. ``load_partial`` renames keys by explicit rules, loads what fits, and
 returns a ``LoadReport`` that names everything it did not load, so nothing is dropped silently.
+
+Nothing read here can run code: torch files are unpickled with ``weights_only=True`` (and torch's
+advice to retry without it is never passed on), safetensors files are data. The safetensors files
+finetune writes (``write_safetensors``) carry a checksum of their tensors and metadata, verified on
+every read; and every tensor is checked against the model before it is loaded into it
+(``check_fits``: dtype kind, shape, finite values), since a file's header says nothing about
+whether its values make sense.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import pickle
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,6 +41,8 @@ COMMON_PREFIXES = (*WRAPPER_PREFIXES, "model.", "backbone.", "encoder.", "net.")
 # Harmless classes that checkpoints carry beside the weights (torchvision's reference scripts
 # save their argparse options): allowed by the weights_only unpickler.
 SAFE_GLOBALS = [argparse.Namespace]
+# The safetensors metadata key holding the checksum ``write_safetensors`` records.
+CHECKSUM_KEY = "finetune_sha256"
 
 
 def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -69,42 +81,136 @@ def read_checkpoint(
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    return read_safetensors(path)[0]
 
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file, its checksum verified when it has one.
+
+    Raises:
+        UserError: naming the file, when it is unreadable, truncated, or does not match the
+            checksum ``write_safetensors`` recorded in it (changed or damaged since).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
+        with safe_open(str(path), "pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
         raise UserError(
             f"{path}: not a readable safetensors file, truncated or corrupt ({error})"
         ) from None
+    recorded = metadata.get(CHECKSUM_KEY)
+    if recorded is not None and recorded != tensors_checksum(tensors, metadata):
+        raise UserError(
+            f"{path}: damaged or altered: its tensors or metadata do not match the checksum "
+            "finetune recorded when it wrote the file; use an intact copy"
+        )
+    return tensors, metadata
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and every metadata entry but the
+    checksum itself, in sorted order: the same whatever the file's layout."""
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != CHECKSUM_KEY:
+            digest.update(json.dumps(["meta", key, metadata[key]]).encode() + b"\n")
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        header = ["tensor", name, str(tensor.dtype), list(tensor.shape)]
+        digest.update(json.dumps(header).encode() + b"\n")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
+    return digest.hexdigest()
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` as a safetensors file whose metadata records their checksum.
+
+    ``read_state_dict`` and ``read_safetensors`` verify it, so a file changed or damaged after it
+    was written is refused rather than loaded with wrong values. The file is written in place:
+    write into a staging folder (or a temporary name) when it must appear atomically.
+
+    Args:
+        metadata: string entries to store beside the checksum (covered by it too).
+
+    Example:
+        >>> write_safetensors(model.state_dict(), "ckpt/model.safetensors", {"epoch": "3"})
+    """
+    from safetensors.torch import save_file
+
+    if metadata and CHECKSUM_KEY in metadata:
+        raise ValueError(f"metadata key {CHECKSUM_KEY!r} is reserved for the checksum")
+    plain = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    entries = dict(metadata or {})
+    entries[CHECKSUM_KEY] = tensors_checksum(plain, entries)
+    save_file(plain, str(path), metadata=entries)
 
 
 def _read_torch(path: Path) -> object:
+    if _is_torchscript(path):  # refused here: torch.load would warn, then refuse with advice
+        raise UserError(
+            f"{path}: a TorchScript archive: a program, not weights (loading it would run code "
+            "from the file); load its weights from a safetensors file or a plain state_dict"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only load failed" not in str(error).lower():
-            raise UserError(
-                f"{path}: not a readable torch file, truncated or corrupt ({error})"
-            ) from None
-        # torch names the offending global ("Unsupported global: GLOBAL x.y", or "... GLOBAL
-        # posix.system whose module posix is blocked"); quote that line.
-        culprit = next(
-            (line.strip().rstrip(".") for line in str(error).splitlines() if "GLOBAL" in line),
-            "it references Python code",
-        )
-        raise UserError(
-            f"{path}: refused to load: unpickling it would run code ({culprit}), which "
-            "weights_only=True forbids. If you trust the file, re-save its weights as a plain "
-            "state_dict or as .safetensors and load that."
-        ) from None
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for a corrupt file
-        raise UserError(
-            f"{path}: not a readable torch file, truncated or corrupt "
-            f"({type(error).__name__}: {error})"
-        ) from None
+        raise UserError(f"{path}: {_torch_refusal(error)}") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with ``constants.pkl``, as torch tells)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _torch_refusal(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in our words. Torch's own message advises
+    retrying with ``weights_only=False``, which would run the file's code: never passed on."""
+    text = str(error)
+    reason = _without_torch_advice(text) or type(error).__name__
+    if isinstance(error, pickle.UnpicklingError) and "GLOBAL" in text:
+        # torch names the offending global ("Unsupported global: GLOBAL x.y", or "... GLOBAL
+        # posix.system whose module posix is blocked").
+        return (
+            f"refused to load: unpickling it would run code ({reason}). If you trust the file, "
+            "re-save its weights as a plain state_dict or as .safetensors and load that."
+        )
+    return f"not a readable torch weights file: truncated or corrupt, or more than data ({reason})"
+
+
+# Sentences of torch.load's messages that advise loading with weights_only=False, or point at
+# torch's issue tracker and docs: not for our users.
+_TORCH_ADVICE = (
+    "weights_only",
+    "weights only",
+    "re-running",
+    "trusted source",
+    "file an issue",
+    "documentation",
+)
+
+
+def _without_torch_advice(text: str) -> str:
+    sentences = [
+        part.strip()
+        for line in text.splitlines()
+        for part in line.replace("WeightsUnpickler error:", "").split(". ")
+        if part.strip()
+    ]
+    kept = [s.rstrip(".") for s in sentences if not any(a in s.lower() for a in _TORCH_ADVICE)]
+    return kept[0] if kept else ""
 
 
 def _unwrap(
@@ -131,6 +237,76 @@ def _unwrap(
             f"{path}: no state_dict found; top-level keys: {sorted(map(str, state))[:10]}"
         )
     return tensors, trail
+
+
+# ------------------------------------------------------------------------------ model checks
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def check_fits(
+    tensors: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], *, source: str
+) -> None:
+    """Refuse file tensors that cannot be values of the model's tensors of the same key.
+
+    A file's header is checked by safetensors, its values are not: each tensor must have the
+    model tensor's dtype kind (a float parameter never takes integers), its shape, and finite
+    values wherever the model's own values are finite. Keys the model lacks are ignored.
+
+    Raises:
+        UserError: naming ``source`` and every tensor that does not fit.
+    """
+    problems = []
+    for key, tensor in tensors.items():
+        expected = target.get(key)
+        if expected is None:
+            continue
+        if _kind(tensor.dtype) != _kind(expected.dtype):
+            problems.append(
+                f"{key}: {str(tensor.dtype).removeprefix('torch.')} in the file, but the model "
+                f"holds {str(expected.dtype).removeprefix('torch.')}"
+            )
+        elif tensor.shape != expected.shape:
+            problems.append(
+                f"{key}: shape {list(tensor.shape)} in the file, the model's is "
+                f"{list(expected.shape)}"
+            )
+        elif (
+            tensor.is_floating_point()
+            and not bool(torch.isfinite(tensor).all())
+            and bool(torch.isfinite(expected).all())  # a buffer may hold inf by design
+        ):
+            problems.append(f"{key}: holds NaN or infinite values")
+    if problems:
+        raise UserError(f"{source}: tensors that do not fit the model", problems[:20])
+
+
+def load_weights(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], *, source: str | Path
+) -> None:
+    """Load a complete state_dict into ``model``: every key, nothing more, each tensor checked
+    with ``check_fits`` first.
+
+    Raises:
+        UserError: naming ``source``, for missing or unexpected keys or a tensor that does not
+            fit; nothing is loaded then.
+    """
+    target = model.state_dict()
+    missing = sorted(set(target) - set(tensors))
+    unexpected = sorted(set(tensors) - set(target))
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: does not fit the model ({len(missing)} of its tensors missing, "
+            f"{len(unexpected)} unexpected)",
+            [f"missing: {key}" for key in missing[:10]]
+            + [f"unexpected: {key}" for key in unexpected[:10]],
+        )
+    check_fits(tensors, target, source=str(source))
+    model.load_state_dict(dict(tensors))
 
 
 # -------------------------------------------------------------------------------------- report
@@ -214,8 +390,9 @@ def load_partial(
             head) stays unloaded.
 
     Raises:
-        UserError: an unreadable file, a bad rule, a shape mismatch with ``"error"``, or a strict
-            load that leaves tensors unloaded. Nothing is loaded then.
+        UserError: an unreadable file, a bad rule, a shape mismatch with ``"error"``, a strict
+            load that leaves tensors unloaded, or a tensor of another dtype kind than the
+            model's or with non-finite values (``check_fits``). Nothing is loaded then.
 
     Example:
         >>> report = load_partial(model, "resnet50_tv.pth", exclude=["fc.*"])
@@ -246,6 +423,7 @@ def load_partial(
         raise UserError(f"{name}: tensors with the wrong shape (on_shape_mismatch: error)", shapes)
     if strict:
         _check_strict(report, list(new_head))
+    check_fits(to_load, target, source=name)
     if report.almost_nothing_loaded:
         report.suggestion = suggest_rule(file_state, target)
     model.load_state_dict(to_load, strict=False)

@@ -19,7 +19,7 @@ from finetune.config.augment import AUGMENTATIONS
 from finetune.config.data import DataConfig
 from finetune.errors import UserError
 from finetune.recipe import Recipe
-from tests.conftest import tiny_recipe
+from tests.conftest import make_image_folder, tiny_recipe
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
 
@@ -116,6 +116,38 @@ def test_mixup_and_cutmix_mix_the_batch_in_collate():
     assert build_batch_transform([{"hflip": {}}], num_classes=4) is None
     hard = torch.tensor([2, 0])
     assert hard_labels(hard) is hard
+
+
+def test_the_batch_mix_does_not_depend_on_the_workers(tmp_path):
+    """Seeded from the batch's sample keys: the same mix collated in the main process or in
+    either of two workers, and the main process's RNG untouched."""
+    from finetune.data import Split, build_loader, build_train_sampler
+    from finetune.sources import image_folder
+
+    root = make_image_folder(tmp_path, ["a", "b", "c"], per_class=4)
+    transform = build_transforms(data_config(augment=[], image_size=8), None, None, train=True)
+    train = Split(image_folder(root, "data.train"), transform=transform)
+
+    def epoch(num_workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = build_loader(
+            train,
+            batch_size=4,
+            train=True,
+            num_workers=num_workers,
+            pin_memory=False,
+            sampler=build_train_sampler("shuffle", train.targets, seed=0, batch_size=4),
+            seed=0,
+            collate_fn=build_batch_transform([{"mixup": {}}, "cutmix"], num_classes=3),
+        )
+        loader.sampler.set_epoch(1)
+        return list(loader)
+
+    before = torch.get_rng_state()
+    plain = epoch(0)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all((labels.max(dim=1).values < 1).any() for _, labels in plain)  # mixed
+    for (images, labels), (other_images, other_labels) in zip(plain, epoch(2), strict=True):
+        assert torch.equal(images, other_images) and torch.equal(labels, other_labels)
 
 
 def test_soft_labels_with_label_smoothing_give_a_finite_loss():

@@ -105,3 +105,11 @@ def test_auto_lr_builds_the_model_once_and_measures_the_data_once(monkeypatch):
     assert built.schedule.optimizer is built.optimizer
     assert not isinstance(built.recipe.data.normalize, str)  # the measured mean and std
     assert all(math.isfinite(v) for v in built.recipe.data.normalize.mean)
+
+
+def test_a_batch_of_one_with_training_batchnorm_is_refused_with_a_hint():
+    with pytest.raises(UserError, match="data.batch_size: 1 cannot train") as caught:
+        build(Recipe.from_dict(tiny_recipe(data={"batch_size": 1})), data=False)
+    assert "freeze.batchnorm: frozen" in str(caught.value)
+    frozen = tiny_recipe(data={"batch_size": 1}, freeze={"batchnorm": "frozen"})
+    assert build(Recipe.from_dict(frozen), data=False).recipe.data.batch_size == 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.run_folder import RunFolder
 from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
 
 
@@ -82,9 +83,10 @@ def test_run_writes_the_whole_run_folder(tmp_path, image_folder):
         "summary.json",
         "classes.json",
         "last/model.safetensors",
-        "last/state.pt",
+        "last/state.safetensors",
+        "last/state.json",
         "best/model.safetensors",
-        "best/state.pt",
+        "best/state.json",
         "plots/curves.png",
     ):
         assert (run_dir / name).is_file(), name
@@ -105,18 +107,18 @@ def test_run_writes_the_whole_run_folder(tmp_path, image_folder):
     }
     resolved = (run_dir / "recipe.yaml").read_text()
     assert "epochs: 1" in resolved and "grad_accum_steps: 1" in resolved  # defaults written
-    state = torch.load(run_dir / "last" / "state.pt", weights_only=True)
-    assert {"optimizer", "scheduler", "scaler", "epoch", "rng"} <= set(state)
+    state = RunFolder(run_dir).read_checkpoint_state(run_dir / "last")
+    assert {"optimizer", "scheduler", "scaler", "epoch", "step", "rng", "history"} <= set(state)
+    assert state["history"] == rows  # metrics.jsonl is the checkpoint's own record
 
 
 def test_a_copied_run_folder_gets_its_model_link_back(tmp_path):
     """`cp -rL` leaves model.safetensors as a file; the next best/ save makes it a link again."""
-    from finetune.run_folder import RunFolder
-
     folder = RunFolder(tmp_path / "copy")
     folder.create()
     (folder.path / "model.safetensors").write_bytes(b"a dereferenced copy")
-    folder.save_checkpoint("best", torch.nn.Linear(2, 2), {"epoch": 1})
+    state = {"epoch": 1, "step": 0, "history": []}
+    folder.commit_checkpoint(torch.nn.Linear(2, 2), state, best=True)
     link = folder.path / "model.safetensors"
     assert (
         link.is_symlink()
@@ -137,20 +139,33 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "last" / "model.safetensors")
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+@pytest.fixture(scope="module")
+def interruptible(tmp_path_factory) -> tuple[Path, Path]:
+    """A recipe that checkpoints every 4 steps, and its uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("interruptible")
     recipe = tiny_recipe(
         data={
             "train": {"type": "fake", "num_samples": 256, "num_classes": 3},
             "augment": ["hflip", {"random_crop": 4}],
         },
         model={"backbone": "test_resnet", "num_classes": 3, "head": {"dropout": 0.3}},
-        train={"epochs": 3, "device": "cpu"},
+        train={"epochs": 3, "device": "cpu", "checkpoint_every": {"steps": 4}},
         scheduler={"name": "cosine", "warmup_epochs": 1},
     )
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    straight = tmp_path / "straight"
+    path = write_recipe(tmp / "r.yaml", recipe)
+    straight = tmp / "straight"
     assert run_cli("run", str(path), "--run-dir", str(straight)).returncode == 0
+    return path, straight
 
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_checkpoints_and_the_resume_ends_bit_identical(
+    tmp_path, interruptible, signum, code
+):
+    """The signal arrives during epoch 2: the run finishes its optimizer step, checkpoints
+    mid-epoch, writes summary.json (interrupted) and exits 128 + the signal; --resume continues
+    with the very next batch and ends with the uninterrupted run's weights, bit for bit."""
+    path, straight = interruptible
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
         [sys.executable, "-m", "finetune", "run", str(path), "--run-dir", str(interrupted)],
@@ -163,11 +178,14 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    done = len(metrics.read_text().splitlines())
-    assert 1 <= done < 3, "the run finished before it could be interrupted"
+    assert process.returncode == code, stderr
+    assert "--resume" in stderr
+    summary = json.loads((interrupted / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    state = RunFolder(interrupted).read_checkpoint_state(interrupted / "last")
+    assert 1 <= state["epoch"] < 3, "the run finished before it could be interrupted"
 
     resumed = run_cli("run", str(path), "--resume", str(interrupted))
     assert resumed.returncode == 0, resumed.stderr
@@ -175,16 +193,17 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     expected, actual = _weights(straight), _weights(interrupted)
     assert expected.keys() == actual.keys()
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+        assert torch.equal(actual[key], expected[key]), key
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     straight_rows = [
         json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()
     ]
     assert [row["lr"] for row in rows] == pytest.approx([row["lr"] for row in straight_rows])
+    assert json.loads((interrupted / "summary.json").read_text())["status"] == "completed"
 
 
-def test_resume_of_a_folder_without_checkpoint_exits_2(tmp_path):
+def test_resume_of_a_folder_that_is_no_run_exits_2(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
     result = run_cli("run", str(path), "--resume", str(tmp_path))
     assert result.returncode == 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from finetune.augment import build_transforms
 from finetune.data import (
@@ -18,10 +19,12 @@ from finetune.data import (
     Split,
     build_datasets,
     build_loader,
+    build_train_sampler,
     class_weights,
     skipped_images,
     stratified_split,
 )
+from finetune.distributed import SampleKey, ShuffleShardSampler
 from finetune.errors import UserError
 from finetune.images import BadImageError
 from finetune.recipe import Recipe
@@ -239,6 +242,91 @@ def test_loader_options_and_seeded_workers(image_folder):
     assert plain.drop_last and plain.prefetch_factor is None
 
 
+# ------------------------------------------------------------------- seeded augmentations
+AUGMENT = ["hflip", "random_resized_crop", {"color_jitter": 0.4}]
+
+
+@pytest.fixture(scope="module")
+def augmented_train(tmp_path_factory) -> Split:
+    root = make_image_folder(tmp_path_factory.mktemp("aug"), ["a", "b", "c"], per_class=6)
+    data = _data({"type": "imagefolder", "root": str(root)}, augment=AUGMENT, image_size=16)
+    return build_datasets(data, seed=0).train  # 12 images
+
+
+def _train_loader(train: Split, num_workers: int, **options) -> torch.utils.data.DataLoader:
+    sampler = build_train_sampler("shuffle", train.targets, seed=0, batch_size=4)
+    return build_loader(
+        train,
+        batch_size=4,
+        train=True,
+        num_workers=num_workers,
+        pin_memory=False,
+        sampler=sampler,
+        seed=0,
+        **options,
+    )
+
+
+def _epoch(loader, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.sampler.set_epoch(epoch, start=start)
+    return list(loader)
+
+
+def _assert_same(batches, others) -> None:
+    assert len(batches) == len(others)
+    for (images, labels), (other_images, other_labels) in zip(batches, others, strict=True):
+        assert torch.equal(images, other_images) and torch.equal(labels, other_labels)
+
+
+def test_augmented_batches_do_not_depend_on_the_workers(augmented_train):
+    """The same images with 0 and 2 workers, and with persistent workers that drew before."""
+    plain = _train_loader(augmented_train, 0)
+    expected = [_epoch(plain, epoch) for epoch in (1, 2)]
+    assert not torch.equal(expected[0][0][0], expected[1][0][0])  # each epoch its own draws
+    workers = _train_loader(augmented_train, 2, persistent_workers=True)
+    for epoch in (1, 2):  # epoch 2 from workers that already augmented epoch 1
+        _assert_same(_epoch(workers, epoch), expected[epoch - 1])
+
+
+def test_a_resumed_epoch_gives_the_tail_of_the_epoch(augmented_train):
+    loader = _train_loader(augmented_train, 0)
+    full = _epoch(loader, 3)
+    _assert_same(_epoch(loader, 3, start=2 * 4), full[2:])
+
+
+def test_iterating_a_training_loader_leaves_the_process_rng_alone(augmented_train):
+    loader = _train_loader(augmented_train, 0)
+    before = torch.get_rng_state()
+    _epoch(loader, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_skipped_image_is_replaced_with_the_keys_randomness(odd_folder):
+    root, files = odd_folder
+    transform = build_transforms(_data({}, augment=AUGMENT, image_size=16), None, None, True)
+    split = Split(image_folder(root, "data.train"), transform=transform, on_bad_image="skip")
+    bad = next(i for i, (path, _) in enumerate(split.source.samples) if path == files["truncated"])
+    with pytest.warns(UserWarning, match="skipped: .*truncated.jpg"):
+        image, label = split[SampleKey(bad, 0, 1, 5)]
+    assert torch.equal(image, split[SampleKey(bad + 1, 0, 1, 5)][0])  # the next readable one
+    assert not torch.equal(image, split[SampleKey(bad + 1, 0, 1, 6)][0])
+
+
+def test_no_training_batch_of_one_image():
+    dataset = torch.utils.data.TensorDataset(torch.arange(9))
+    loader = build_loader(dataset, batch_size=4, train=True, num_workers=0, pin_memory=False)
+    assert [len(batch) for (batch,) in loader] == [4, 4]  # the ninth image is dropped
+    with pytest.raises(UserError, match="^data.batch_size: .* is a single image"):
+        build_loader(  # 3 images over 2 processes: one each
+            dataset,
+            batch_size=4,
+            train=True,
+            num_workers=0,
+            pin_memory=False,
+            sampler=ShuffleShardSampler(3, seed=0, batch_size=4, rank=1, world_size=2),
+        )
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_a_run_with_every_data_feature(tmp_path, odd_folder):
     """Skipped images in the metrics, measured normalisation saved and reused, mixup with label
@@ -272,3 +360,50 @@ def test_a_run_with_every_data_feature(tmp_path, odd_folder):
     assert saved["normalize"] == "dataset" and len(saved["mean"]) == 3
     resolved = Recipe.load(result.run_dir / "recipe.yaml")  # `dataset` became the values
     assert resolved.data.normalize.mean == pytest.approx(saved["mean"])
+
+
+def _train(root: Path, run_dir: Path, workers: int, epochs: int = 2, resume=None) -> dict:
+    """A short run on ``root`` with augmentations and mixup; its last weights."""
+    from finetune.training import run
+
+    recipe = tiny_recipe(
+        data={
+            "train": {"type": "imagefolder", "root": str(root)},
+            "val": None,
+            "val_split": 0.25,
+            "image_size": 16,
+            "batch_size": 4,
+            "num_workers": workers,
+            "augment": [*AUGMENT, "mixup"],
+        },
+        train={"epochs": epochs, "device": "cpu"},
+        scheduler={"name": "constant"},  # the same LRs for a run cut after epoch 1
+    )
+    result = run(Recipe.from_dict(recipe), run_dir=run_dir, resume=resume)
+    return load_file(result.run_dir / "last" / "model.safetensors")
+
+
+def _assert_same_weights(weights: dict, others: dict) -> None:
+    assert weights.keys() == others.keys()
+    for key, value in weights.items():
+        assert torch.equal(value, others[key]), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
+    """Image folder and the weights of two epochs without loader workers."""
+    tmp = tmp_path_factory.mktemp("workers")
+    root = make_image_folder(tmp / "images", ["a", "b", "c"], per_class=6)
+    return root, _train(root, tmp / "run0", workers=0)
+
+
+def test_final_weights_do_not_depend_on_the_workers(uninterrupted, tmp_path):
+    """0 and 2 loader workers (persistent): bitwise the same weights after two epochs."""
+    root, weights = uninterrupted
+    _assert_same_weights(_train(root, tmp_path / "run2", workers=2), weights)
+
+
+def test_a_resumed_run_with_workers_ends_bitwise_as_an_uninterrupted_one(uninterrupted, tmp_path):
+    root, weights = uninterrupted
+    _train(root, tmp_path / "cut", workers=2, epochs=1)
+    _assert_same_weights(_train(root, None, workers=2, resume=tmp_path / "cut"), weights)

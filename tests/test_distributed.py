@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.data import build_loader
-from finetune.distributed import ShardSampler, ShuffleShardSampler
+from finetune.distributed import SampleKey, ShardSampler, ShuffleShardSampler
 from tests.conftest import make_image_folder, run_cli, tiny_recipe, write_recipe
 
 
@@ -23,6 +24,23 @@ def test_shards_of_a_global_batch_are_the_single_process_batch():
     for step in range(3):
         global_batch = ranks[0][4 * step : 4 * step + 4] + ranks[1][4 * step : 4 * step + 4]
         assert sorted(global_batch) == sorted(single[8 * step : 8 * step + 8])
+
+
+def test_sample_keys_name_the_draw_whatever_the_number_of_processes():
+    """(index, position in the epoch) is the same with 1 or 2 processes: so are the seeds."""
+    single = ShuffleShardSampler(30, seed=1, batch_size=8)
+    single.set_epoch(3)
+    ranks = [ShuffleShardSampler(30, seed=1, batch_size=4, rank=r, world_size=2) for r in (0, 1)]
+    for shard in ranks:
+        shard.set_epoch(3)
+    keys = [key for shard in ranks for key in shard]
+    assert {(int(k), k.position) for k in keys} == {(int(k), k.position) for k in single}
+    assert {k.rng_seed() for k in keys} == {k.rng_seed() for k in single}
+    key = keys[0]
+    copy = pickle.loads(pickle.dumps(key))  # as it travels to a loader worker
+    assert type(copy) is SampleKey and copy.rng_seed() == key.rng_seed()
+    assert key.rng_seed() != SampleKey(int(key), 1, 4, key.position).rng_seed()  # next epoch
+    assert key.rng_seed(stream=1) != key.rng_seed()
 
 
 @pytest.mark.parametrize("length, world_size, batches", [(6, 2, 1), (10, 2, 1), (20, 2, 2)])

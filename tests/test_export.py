@@ -285,6 +285,7 @@ def test_every_exported_file_loads_back_and_matches(trained_run, exported):
         assert compare_logits(reference, logits)["max_rel_diff"] <= TOLERANCE, name
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_predict_reads_an_export_folder(trained_run, exported, tmp_path):
     image = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), np.uint8)).save(image)
@@ -292,7 +293,8 @@ def test_predict_reads_an_export_folder(trained_run, exported, tmp_path):
     assert result.returncode == 0, result.stderr
     (from_export,) = json.loads(result.stdout)
     (from_run,) = predict_images(load_trained(trained_run, device="cpu"), [image])
-    (from_torchscript,) = predict_images(load_trained(exported / "model.torchscript.pt"), [image])
+    torchscript = load_trained(exported / "model.torchscript.pt", trust_code=True)  # a program
+    (from_torchscript,) = predict_images(torchscript, [image])
     expected = {p["class"]: p["probability"] for p in from_run["top_k"]}
     for item in (from_export, from_torchscript):
         assert item["top_k"][0]["class"] == from_run["top_k"][0]["class"]

@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from finetune.data import build_loader
 from finetune.distributed import ShuffleShardSampler
+from finetune.errors import TrainingDiverged
 from finetune.loop import FitOptions, evaluate, fit, train_one_epoch
 from finetune.progress import EpochProgress
 from finetune.run_folder import RunFolder
@@ -142,15 +143,35 @@ def test_no_top5_below_five_classes():
     assert "val/top5" not in evaluate(model, loader, runtime, num_classes=3)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_no_diverged_checkpoint(tmp_path):
+class _Poisoned(TensorDataset):
+    """Images that turn to NaN once ``poisoned`` is set: divergence on demand."""
+
+    poisoned = False
+
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return (image * float("nan") if self.poisoned else image), label
+
+
+def test_divergence_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Epoch 1 trains and commits; in epoch 2 the loss turns NaN at the first step: the run
+    stops there, names the epoch and step, and last/ still holds epoch 1, bit for bit."""
     torch.manual_seed(0)
-    model = timm.create_model("test_vit", num_classes=3, img_size=32)
+    model = timm.create_model("test_resnet", num_classes=3)
+    data = _Poisoned(*_data().tensors)
     run = RunFolder(tmp_path / "run")
     run.create()
-    with pytest.raises(FloatingPointError, match="lower optimizer.lr"):
-        _our_loop(model, _data(), lr=1e12, batch_size=8, accum=1, seed=0, epochs=1, run=run)
-    assert not (run.path / "last").exists() and not (run.path / "best").exists()
-    assert [row["epoch"] for row in run.read_metrics()] == [1]  # the diverged epoch is logged
+    _our_loop(model, data, lr=0.01, batch_size=8, accum=1, seed=0, epochs=1, run=run)
+    committed = (run.path / "last").resolve()
+    weights = (committed / "model.safetensors").read_bytes()
+    data.poisoned = True
+    with pytest.raises(TrainingDiverged) as caught:
+        _our_loop(model, data, lr=0.01, batch_size=8, accum=1, seed=0, epochs=2, run=run)
+    assert (caught.value.epoch, caught.value.step) == (1, 1)  # a fresh state: epoch 1 again
+    assert "Lower optimizer.lr" in str(caught.value)
+    assert (run.path / "last").resolve() == committed
+    assert (committed / "model.safetensors").read_bytes() == weights
+    assert [row["epoch"] for row in run.read_metrics()] == [1]
 
 
 class _NoSchedule:

@@ -55,11 +55,12 @@ from finetune.optim import (
     training_groups,
 )
 from finetune.recipe import Recipe, apply_overrides, recipe_keys
-from finetune.run_folder import latest_run, new_run_dir
+from finetune.run_folder import claim_run_dir, latest_run
 from finetune.runtime import Runtime
 from finetune.schedule import build_scheduler, schedule_span
 from finetune.sources import SOURCE_KINDS, manifest, open_source
 from finetune.stats import resolve_normalization
+from finetune.verify import verify_images
 from finetune.weights import load_partial
 from tests.conftest import REPO, make_image_folder, tiny_recipe, write_recipe
 
@@ -235,7 +236,11 @@ ONE_FACTORY = {
     "export": (
         ExportConfig,
         export_run,
-        {"source": "the run folder", "out": "finetune export --out"},
+        {
+            "source": "the run folder",
+            "out": "finetune export --out",
+            "trust_code": "finetune export --trust-code",
+        },
     ),
 }
 # export_run's options default to None, documented as "the run's own export: section decides":
@@ -280,7 +285,8 @@ MANY_FACTORIES = {
             "prefetch_factor": [(build_loader, "prefetch_factor")],
             "sampler": [(build_train_sampler, "kind")],
             "class_weights": [(weigh_classes, "choice")],
-            "on_bad_image": [(Split, "on_bad_image")],
+            "on_bad_image": [(Split, "on_bad_image"), (verify_images, "on_bad_image")],
+            "verify": [(verify_images, "verify")],
             "augment": [(build_transforms, "data.augment"), (build_batch_transform, "augment")],
             "eval_transforms": [(build_transforms, "data.eval_transforms")],
             "normalize": [(resolve_normalization, "data.normalize")],
@@ -301,12 +307,13 @@ MANY_FACTORIES = {
             "clip_grad_norm": [(FitOptions, "clip_grad_norm")],
             "label_smoothing": [(FitOptions, "label_smoothing")],
             "sync_batchnorm": [(Runtime.prepare, "sync_batchnorm")],
+            "checkpoint_every": [(FitOptions, "checkpoint_every")],
         },
     ),
     "output": (
         OutputConfig,
         {
-            "dir": [(new_run_dir, "output_dir"), (latest_run, "output_dir")],
+            "dir": [(claim_run_dir, "output_dir"), (latest_run, "output_dir")],
             "save_best": [(FitOptions, "save_best")],
         },
     ),

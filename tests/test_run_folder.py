@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -17,9 +17,8 @@ from finetune.errors import UserError
 from finetune.run_folder import (
     RunFolder,
     atomic_write_text,
+    claim_run_dir,
     find_run_folder,
-    is_resumable,
-    new_run_dir,
     weights_file,
     write_json,
 )
@@ -97,25 +96,18 @@ def test_find_run_folder_outside_a_run_names_the_path(tmp_path):
     assert str(stray) in str(caught.value)
 
 
-def test_new_run_dir_is_unique_for_two_runs_in_the_same_second(tmp_path, monkeypatch):
+def test_claimed_run_folders_are_distinct_for_two_runs_in_the_same_second(tmp_path, monkeypatch):
     monkeypatch.setattr(run_folder.time, "strftime", lambda _: "20240101-120000")
-    first = new_run_dir(tmp_path, "tiny")
-    first.mkdir(parents=True)
-    second = new_run_dir(tmp_path, "tiny")
-    second.mkdir()
-    third = new_run_dir(tmp_path, "tiny")
-    assert first == tmp_path / "tiny" / "20240101-120000"
-    assert len({first, second, third}) == 3 and second.parent == third.parent == first.parent
+    claimed = [claim_run_dir(tmp_path, "tiny") for _ in range(3)]
+    assert claimed[0] == tmp_path / "tiny" / "20240101-120000"
+    assert len(set(claimed)) == 3 and all(path.is_dir() for path in claimed)
 
 
-def test_is_resumable_needs_a_recipe_and_a_last_checkpoint(tmp_path):
-    run = _started(tmp_path / "run")
-    assert not is_resumable(run.path)
-    (run.path / "last").mkdir()
-    assert is_resumable(run.path)
-    (run.path / "recipe.yaml").unlink()
-    assert not is_resumable(run.path)
-    assert not is_resumable(tmp_path / "missing")
+def test_claiming_under_a_file_names_the_path(tmp_path):
+    (tmp_path / "out").write_text("a file, not a folder")
+    with pytest.raises(UserError, match="cannot write") as caught:
+        claim_run_dir(tmp_path / "out", "tiny")
+    assert str(tmp_path / "out") in str(caught.value)
 
 
 def test_link_latest_points_at_the_newest_run(tmp_path):
@@ -178,20 +170,15 @@ def test_write_start_without_a_load_report_writes_none(tmp_path):
     assert not (run.path / "load_report.json").exists()
 
 
-def test_append_metrics_drops_rows_left_by_an_interrupted_run(tmp_path):
-    run = RunFolder(tmp_path / "run")
-    run.create()
-    assert run.read_metrics() == []
-    for epoch in (1, 2, 3):
-        run.append_metrics({"epoch": epoch, "train/loss": float(epoch)})
-    run.append_metrics({"epoch": 2, "train/loss": 0.5})  # resumed from epoch 1's checkpoint
-    assert run.read_metrics() == [{"epoch": 1, "train/loss": 1.0}, {"epoch": 2, "train/loss": 0.5}]
-
-
 # -------------------------------------------------------------------------------- checkpoints
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model("test_resnet", num_classes=3)
+
+
+def _state(epoch: int, step: int = 0, **extra) -> dict:
+    rows = [{"epoch": e, "train/loss": float(e)} for e in range(1, epoch + 1)]
+    return {"epoch": epoch, "step": step, "history": rows, **extra}
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -199,68 +186,106 @@ def test_checkpoint_round_trip(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
-    state = {
-        "epoch": 2,
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "best": {"epoch": 1, "val/top1": 0.5},
-    }
-    run = RunFolder(tmp_path / "run")
-    run.save_checkpoint("last", model, state)
+    state = _state(
+        2,
+        optimizer=optimizer.state_dict(),
+        rng={"torch": torch.get_rng_state(), "python": random.getstate()},
+        best={"epoch": 1, "val/top1": 0.5, "loss": float("inf")},
+    )
+    run = _started(tmp_path / "run")
+    run.commit_checkpoint(model, state, best=False)
     tensors, loaded = run.load_checkpoint("last")
     expected = model.state_dict()
     assert tensors.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(tensors[name], tensor), name
     assert loaded["epoch"] == 2 and loaded["best"] == state["best"]
-    assert torch.equal(loaded["rng"], state["rng"])
+    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+    assert loaded["rng"]["python"] == state["rng"]["python"]  # tuples come back as tuples
     restored = torch.optim.SGD(_model().parameters(), lr=0.1, momentum=0.9)
-    restored.load_state_dict(loaded["optimizer"])  # the optimizer state is whole
+    restored.load_state_dict(loaded["optimizer"])  # int keys and all: the optimizer is whole
     momentum = loaded["optimizer"]["state"][0]["momentum_buffer"]
     assert torch.equal(momentum, optimizer.state_dict()["state"][0]["momentum_buffer"])
-    assert not list((run.path / "last").glob("*.tmp"))
+    assert run.read_metrics() == state["history"]
+    assert not (run.path / "best").exists() and not (run.path / "model.safetensors").exists()
 
 
-def test_the_state_is_loaded_with_weights_only(tmp_path):
-    """A state holding an arbitrary Python object is refused: unpickling it could run code."""
-    run = RunFolder(tmp_path / "run")
-    run.save_checkpoint("last", _model(), {"epoch": 1, "where": Path("/tmp")})
-    with pytest.raises(pickle.UnpicklingError):
-        run.load_checkpoint("last")
+def test_the_state_holds_data_only(tmp_path):
+    """Nothing but tensors and plain values goes in: no pickle is ever written or read."""
+    run = _started(tmp_path / "run")
+    with pytest.raises(TypeError, match="not data"):
+        run.commit_checkpoint(_model(), _state(1, where=Path("/tmp")), best=False)
+    assert not (run.path / "last").exists()
+    assert [p.name for p in (run.path / "ckpt").iterdir()] == []  # the staging folder is gone
 
 
-def test_weights_and_state_of_different_epochs_are_refused(tmp_path):
-    """An interruption between writing the weights and the state leaves epoch 2 weights beside
-    epoch 1's state: resuming from them would mix two epochs."""
-    model = _model()
-    run = RunFolder(tmp_path / "run")
-    (run.path / "last").mkdir(parents=True)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(run.weights("last")), metadata={"epoch": "2"})
-    torch.save({"epoch": 1}, run.path / "last" / "state.pt")
-    with pytest.raises(UserError, match=r"weights \(epoch 2\) and state \(epoch 1\) disagree"):
-        run.load_checkpoint("last")
-
-
-def test_an_incomplete_checkpoint_is_refused(tmp_path):
-    run = RunFolder(tmp_path / "run")
-    _weights(run.weights("last"))
-    with pytest.raises(UserError, match="no complete checkpoint") as caught:
-        run.load_checkpoint("last")
-    assert str(run.path / "last") in str(caught.value)
-
-
-def test_saving_best_links_the_run_model_to_it(tmp_path):
-    model = _model()
-    run = RunFolder(tmp_path / "run")
-    run.save_checkpoint("last", model, {"epoch": 1})
-    assert not (run.path / "model.safetensors").exists()  # only best/ is "the run's model"
-    run.save_checkpoint("best", model, {"epoch": 1})
+def test_a_new_checkpoint_moves_last_and_best_and_prunes_the_rest(tmp_path):
+    model, run = _model(), _started(tmp_path / "run")
+    first = run.commit_checkpoint(model, _state(1), best=True)
+    second = run.commit_checkpoint(model, _state(1, step=5), best=False)  # mid-epoch
+    assert (run.path / "best").resolve().name == first
+    assert (run.path / "last").resolve().name == second
+    third = run.commit_checkpoint(model, _state(2), best=True)
+    assert {p.name for p in (run.path / "ckpt").iterdir()} == {third}
+    assert run.load_checkpoint("best")[1]["best_checkpoint"] == third
     link = run.path / "model.safetensors"
     assert link.is_symlink() and os.readlink(link) == "best/model.safetensors"
-    assert link.resolve() == run.weights("best").resolve()
-    with torch.no_grad():
-        model.fc.bias.fill_(7.0)
-    run.save_checkpoint("best", model, {"epoch": 2})  # replaces the link, still resolves
-    assert link.resolve() == run.weights("best").resolve()
-    assert torch.equal(run_folder.read_state_dict(link)["fc.bias"], torch.full((3,), 7.0))
+    assert link.resolve() == (run.path / "ckpt" / third / "model.safetensors")
+
+
+def test_recover_takes_the_newest_complete_checkpoint_and_cleans_up(tmp_path):
+    """What a kill during a save leaves: a staging folder, a complete folder that last does
+    not point at yet, a best link behind, a metrics file cut short."""
+    model, run = _model(), _started(tmp_path / "run")
+    run.commit_checkpoint(model, _state(1), best=True)
+    newest = run.commit_checkpoint(model, _state(2), best=True)
+    older = run.commit_checkpoint(model, _state(3), best=False)
+    # Simulate: epoch 3's folder is complete but the kill came before any link moved.
+    os.rename(run.path / "ckpt" / older, run.path / "ckpt" / "e0004-s000000-9")
+    staging = run.path / "ckpt" / ".staging-x"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half")
+    (run.path / "last").unlink()
+    (run.path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    run.write_summary({"status": "interrupted", "epochs": 2})  # from an earlier invocation
+    assert run.recover().name == "e0004-s000000-9"
+    assert not (run.path / "summary.json").exists()
+    assert (run.path / "last").resolve().name == "e0004-s000000-9"
+    assert (run.path / "best").resolve().name == newest
+    assert [row["epoch"] for row in run.read_metrics()] == [1, 2, 3]
+    assert {p.name for p in (run.path / "ckpt").iterdir()} == {"e0004-s000000-9", newest}
+
+
+def test_recover_without_a_checkpoint_starts_over(tmp_path):
+    run = _started(tmp_path / "run")
+    (run.path / "ckpt" / ".staging-x").mkdir(parents=True)
+    (run.path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert run.recover() is None
+    assert not (run.path / "ckpt").exists() and run.read_metrics() == []
+
+
+def test_weights_and_state_of_different_positions_are_refused(tmp_path):
+    run = _started(tmp_path / "run")
+    name = run.commit_checkpoint(_model(), _state(1), best=False)
+    folder = run.path / "ckpt" / name
+    tensors = {k: v.contiguous() for k, v in _model().state_dict().items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"epoch": "2", "step": "0"})
+    with pytest.raises(UserError, match="disagree"):
+        run.load_checkpoint("last")
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "state json", "missing file"])
+def test_a_damaged_checkpoint_is_a_user_error_naming_the_file(tmp_path, damage):
+    run = _started(tmp_path / "run")
+    folder = run.path / "ckpt" / run.commit_checkpoint(_model(), _state(1), best=False)
+    if damage == "truncated state":
+        data = (folder / "state.safetensors").read_bytes()
+        (folder / "state.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "state json":
+        (folder / "state.json").write_text('{"epoch": ')
+    else:
+        (folder / "state.json").unlink()
+    with pytest.raises(UserError) as caught:
+        run.load_checkpoint("last")
+    assert str(run.path / "last") in str(caught.value)
+    assert "weights_only" not in str(caught.value)

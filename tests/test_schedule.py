@@ -262,7 +262,7 @@ RESUMABLE = [*CASES, "plateau"]
 
 @pytest.mark.parametrize("case", RESUMABLE)
 def test_resume_continues_the_schedule_exactly(case):
-    """A state_dict round trip mid-way, as through the run folder's state.pt, changes nothing."""
+    """A state_dict round trip mid-way, as through a checkpoint's state files, changes nothing."""
     keys = CASES[case][0] if case in CASES else {"name": "plateau", "patience": 0, "factor": 0.5}
     keys = {**keys, "warmup_epochs": 1}
     total, middle = EPOCHS * STEPS_PER_EPOCH, EPOCHS * STEPS_PER_EPOCH // 2 + 1
@@ -282,7 +282,7 @@ def test_resume_continues_the_schedule_exactly(case):
         {"optimizer": first_opt.state_dict(), "scheduler": first_scheduler.state_dict()}, buffer
     )
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)  # what _restore reads from state.pt
+    saved = torch.load(buffer, weights_only=True)
     second_opt = two_groups()
     second_scheduler = build(second_opt)
     second_opt.load_state_dict(saved["optimizer"])
@@ -431,7 +431,7 @@ def test_loop_steps_plateau_on_the_metric_and_state_pt_loads_weights_only(tmp_pa
         )
     )
     result = run(recipe, run_dir=tmp_path / "run")
-    state = torch.load(result.run_dir / "last" / "state.pt", weights_only=True)
+    state = RunFolder(result.run_dir).read_checkpoint_state(result.run_dir / "last")
     assert state["scheduler"]["plateau"]["last_epoch"] == 3  # one metric per epoch
     assert len(RunFolder(result.run_dir).read_metrics()) == 3
 
@@ -466,7 +466,7 @@ def test_loop_follows_a_per_group_lambda_schedule_with_warmup(tmp_path):
     for group in ("fc.*", "default"):
         logged = [row[f"lr/{group}"] for row in rows[:2]]
         assert logged == pytest.approx([lr for _, _, lr in preview[group][-2:]], rel=1e-9)
-    state = torch.load(result.run_dir / "last" / "state.pt", weights_only=True)
+    state = RunFolder(result.run_dir).read_checkpoint_state(result.run_dir / "last")
     assert state["scheduler"]["scheduler"]["_schedulers"][1]["lr_lambdas"] == [None, None]
 
 

@@ -114,7 +114,8 @@ def test_checkpoint_with_argparse_options_loads(tmp_path):
 
 def test_run_folder_of_ours_with_another_head(tmp_path):
     source = _tiny(num_classes=7, seed=1)
-    RunFolder(tmp_path / "run").save_checkpoint("best", source, {"epoch": 1})
+    state = {"epoch": 1, "step": 0, "history": []}
+    RunFolder(tmp_path / "run").commit_checkpoint(source, state, best=True)
     built = build_model(backbone="test_resnet", num_classes=3, pretrained=tmp_path / "run")
     report = built.load_report
     assert report.source == str(tmp_path / "run" / "best" / "model.safetensors")

@@ -48,6 +48,7 @@ class DataConfig(Section):
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     class_weights: Literal["none", "balanced"] | list[PositiveFloat] = "none"
     on_bad_image: Literal["error", "skip"] = "error"
+    verify: Literal["header", "full", "none"] = "header"  # each image checked before the run
     augment: Augmentations = [Augmentation("hflip", FlipArgs())]
     eval_transforms: Augmentations = []  # resize / center_crop for evaluation
     normalize: Literal["auto", "imagenet", "dataset", "none"] | NormalizeStats = "auto"

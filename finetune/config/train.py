@@ -11,6 +11,14 @@ from pydantic import Field, field_validator
 from finetune.config.common import NonNegativeFloat, PositiveFloat, PositiveInt, Section
 
 
+class CheckpointEvery(Section):
+    """Checkpoints within an epoch (one is always written at the end of every epoch): after
+    every ``steps`` optimizer steps of an epoch, and/or ``minutes`` after the last one."""
+
+    steps: PositiveInt | None = None
+    minutes: PositiveFloat | None = 10.0  # a kill loses at most about this much training
+
+
 class TrainConfig(Section):
     """The training loop's settings (``finetune.loop.fit`` and ``finetune.runtime``)."""
 
@@ -22,6 +30,7 @@ class TrainConfig(Section):
     channels_last: bool | Literal["auto"] = "auto"
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     sync_batchnorm: bool = False
+    checkpoint_every: CheckpointEvery = CheckpointEvery()
 
     @field_validator("device")
     @classmethod
