@@ -303,6 +303,10 @@ def build_loader(
         seed: seeds the loader's generator, from which each worker's ``random``, NumPy and torch
             generators are seeded (``torch.utils.data`` does this per worker). Training samplers'
             ``SampleKey``s seed ``Split``'s augmentations themselves; this covers other datasets.
+            Every loader has its own generator (seed 0 by default): torch would otherwise draw
+            each iterator's base seed from the process's generator, and an evaluation loader
+            whose persistent workers start at another moment after a resume would shift the
+            random numbers dropout draws from.
         collate_fn: e.g. ``finetune.augment.MixCollate`` for mixup/cutmix.
         persistent_workers, prefetch_factor: only used with ``num_workers > 0``.
 
@@ -327,7 +331,7 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=workers and persistent_workers,
         prefetch_factor=prefetch_factor if workers else None,
-        generator=None if seed is None else torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(0 if seed is None else seed),
         collate_fn=collate_fn,
     )
 

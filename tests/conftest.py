@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Tests run two at a time (pytest-xdist, see pyproject.toml) on small models: one thread per
+# process beats two processes fighting over every core. Set before numpy or torch load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 import subprocess
 import sys
 from pathlib import Path

@@ -362,8 +362,9 @@ def test_a_run_with_every_data_feature(tmp_path, odd_folder):
     assert resolved.data.normalize.mean == pytest.approx(saved["mean"])
 
 
-def _train(root: Path, run_dir: Path, workers: int, epochs: int = 2, resume=None) -> dict:
-    """A short run on ``root`` with augmentations and mixup; its last weights."""
+def _train(root: Path, run_dir: Path, workers: int, epochs: int = 3, resume=None) -> dict:
+    """A short run on ``root`` with augmentations, mixup and dropout (which draws from the
+    process's generator: no loader may draw from it too); its last weights."""
     from finetune.training import run
 
     recipe = tiny_recipe(
@@ -376,6 +377,7 @@ def _train(root: Path, run_dir: Path, workers: int, epochs: int = 2, resume=None
             "num_workers": workers,
             "augment": [*AUGMENT, "mixup"],
         },
+        model={"backbone": "test_resnet", "num_classes": 3, "head": {"dropout": 0.3}},
         train={"epochs": epochs, "device": "cpu"},
         scheduler={"name": "constant"},  # the same LRs for a run cut after epoch 1
     )
@@ -391,14 +393,14 @@ def _assert_same_weights(weights: dict, others: dict) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> tuple[Path, dict]:
-    """Image folder and the weights of two epochs without loader workers."""
+    """Image folder and the weights of three epochs without loader workers."""
     tmp = tmp_path_factory.mktemp("workers")
     root = make_image_folder(tmp / "images", ["a", "b", "c"], per_class=6)
     return root, _train(root, tmp / "run0", workers=0)
 
 
 def test_final_weights_do_not_depend_on_the_workers(uninterrupted, tmp_path):
-    """0 and 2 loader workers (persistent): bitwise the same weights after two epochs."""
+    """0 and 2 loader workers (persistent): bitwise the same weights after three epochs."""
     root, weights = uninterrupted
     _assert_same_weights(_train(root, tmp_path / "run2", workers=2), weights)
 

@@ -16,7 +16,7 @@ def test_killed_runs_resume_to_the_uninterrupted_weights(tmp_path):
             sys.executable,
             "benchmarks/kill_soak.py",
             "--kills=2",
-            "--epochs=2",
+            "--epochs=1",
             "--backbone=test_resnet",
             "--max-delay=6",
             f"--workdir={tmp_path}",

@@ -7,14 +7,16 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import finetune
+from finetune.cli import app
 from finetune.errors import UserError
 from finetune.freezing import unfreeze_due
 from finetune.recipe import Recipe
 from finetune.resume import changes_on_resume
 from finetune.run_folder import RunFolder
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import tiny_recipe, write_recipe
 
 RECIPE = tiny_recipe(
     train={"epochs": 4, "device": "cpu"},
@@ -126,9 +128,9 @@ def test_a_second_resume_after_a_changed_one_is_bit_identical(tmp_path, monkeypa
 
 def test_the_cli_names_a_key_that_cannot_change(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(train={"epochs": 1, "device": "cpu"}))
-    assert run_cli("run", str(path), "--run-dir", str(tmp_path / "run")).returncode == 0
-    result = run_cli(
-        "run", str(path), "--resume", str(tmp_path / "run"), "--set", "data.batch_size=4"
+    finetune.run(Recipe.load(path), run_dir=tmp_path / "run")
+    result = CliRunner().invoke(
+        app, ["run", str(path), "--resume", str(tmp_path / "run"), "--set", "data.batch_size=4"]
     )
-    assert result.returncode == 2
-    assert "data.batch_size" in result.stderr and "cannot change" in result.stderr
+    assert result.exit_code == 2
+    assert "data.batch_size" in result.output and "cannot change" in result.output

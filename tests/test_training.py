@@ -85,3 +85,34 @@ def test_excluded_head_is_listed_and_counted(tmp_path):
     assert report["mismatched"] == [] and report["unexpected"] == []
     assert report["counts"]["missing"] == 2
     assert report["counts"]["loaded"] == pytest.approx(len(report["loaded"]))
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_raises_interrupted(tmp_path, monkeypatch):
+    """SIGINT (Ctrl-C) during epoch 2 sets the stop request: the loop finishes its optimizer
+    step, commits a mid-epoch checkpoint, and raises Interrupted (exit code 130); the summary
+    says interrupted. A second Ctrl-C within 2 s is the same request, not a second one."""
+    import os
+    import signal
+
+    import finetune
+    from finetune.errors import Interrupted
+    from finetune.freezing import unfreeze_due
+    from finetune.recipe import Recipe
+    from finetune.run_folder import RunFolder
+
+    def press_ctrl_c_twice(model, stages, epoch):
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return unfreeze_due(model, stages, epoch)
+
+    monkeypatch.setattr("finetune.loop.unfreeze_due", press_ctrl_c_twice)
+    recipe = Recipe.from_dict(tiny_recipe(train={"epochs": 3, "device": "cpu"}))
+    with pytest.raises(Interrupted) as caught:
+        finetune.run(recipe, run_dir=tmp_path / "run")
+    assert caught.value.exit_code == 130 and "SIGINT" in str(caught.value)
+    state = RunFolder(tmp_path / "run").read_checkpoint_state(tmp_path / "run" / "last")
+    assert (state["epoch"], state["step"]) == (1, 1)  # one step into epoch 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps_into_next_epoch"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
