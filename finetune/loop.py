@@ -25,6 +25,7 @@ from finetune.config.train import CheckpointEvery
 from finetune.data import skipped_images
 from finetune.errors import Interrupted, TrainingDiverged
 from finetune.freezing import UnfreezeStage, unfreeze_due
+from finetune.observers import Observer, StopRun
 from finetune.progress import EpochProgress
 from finetune.run_folder import RunFolder
 from finetune.runtime import Runtime, rng_state
@@ -70,6 +71,7 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # Where a resume with new epochs/LR restarted the schedule ([epochs, steps]; finetune.resume)
     schedule_start: list[int] | None = None
+    stopped: str | None = None  # the status an observer ended the run with (StopRun)
 
 
 class StopRequest:
@@ -173,6 +175,7 @@ def train_one_epoch(
     position: EpochPosition | None = None,
     batches: int | None = None,
     pause: Callable[[int], bool] | None = None,
+    observers: Sequence[Observer] = (),
 ) -> dict[str, float] | None:
     """Train over ``loader`` to the end of the epoch; returns train loss, accuracy and images
     per second, or ``None`` when ``pause(step)`` asked to stop after an optimizer step.
@@ -226,6 +229,8 @@ def train_one_epoch(
             schedule.step_update()
             position.step += 1
             guard.record(position.step, loss, grad_norm)
+            for observer in observers:
+                observer.after_step(position.step, loss, optimizer)
             if pausing:
                 guard.check()  # never pause (and checkpoint) on diverged weights
                 _keep(position, sums, seen, time.perf_counter() - start)
@@ -271,6 +276,7 @@ def fit(
     progress: EpochProgress | None = None,
     unfreeze: Sequence[UnfreezeStage] = (),
     stop: StopRequest | None = None,
+    observers: Sequence[Observer] = (),
 ) -> LoopState:
     """Train from where ``state`` stands to ``options.epochs``, evaluating after every epoch
     and, given a run folder, checkpointing at every epoch end and as ``checkpoint_every`` says.
@@ -280,6 +286,9 @@ def fit(
             groups must be in ``optimizer`` already (``finetune.build`` puts them there).
         stop: set by a signal handler: checkpoint after the current step, then raise
             ``Interrupted``.
+        observers: called at every epoch start, optimizer step and epoch end
+            (``finetune.observers``); one raising ``StopRun`` ends the fit after that epoch,
+            with ``state.stopped`` set to its status.
 
     Raises:
         TrainingDiverged: a non-finite loss or gradient norm; nothing after the last good
@@ -294,6 +303,8 @@ def fit(
         unfreeze_due(runtime.unwrap(model), unfreeze, epoch)
         batches = _start_epoch(train_loader, epoch, state.position, options.grad_accum_steps)
         progress.start_epoch(epoch, epochs, batches)
+        for observer in observers:
+            observer.start_epoch(epoch, epochs, batches // options.grad_accum_steps)
         loader = iter(train_loader)
         try:
             while (
@@ -308,6 +319,7 @@ def fit(
                     position=state.position,
                     batches=batches,
                     pause=pause,
+                    observers=observers,
                 )
             ) is None:
                 _save(run, model, optimizer, schedule, runtime, state, best=False)
@@ -331,7 +343,26 @@ def fit(
         progress.end_epoch(state.history[-1])
         if stop.signum is not None:  # the signal came during the evaluation or the save
             raise Interrupted(stop.signum, _where(state))
+        state.stopped = _observe_end(observers, state.history[-1], runtime.unwrap(model), runtime)
+        if state.stopped is not None:
+            break
     return state
+
+
+def _observe_end(
+    observers: Sequence[Observer], row: dict[str, Any], model: nn.Module, runtime: Runtime
+) -> str | None:
+    """Show the observers the epoch's row; the status to stop with if one asked (and, with
+    several processes, ``"stopped"`` on those whose own observers did not)."""
+    status = None
+    for observer in observers:
+        try:
+            observer.end_epoch(row, model)
+        except StopRun as request:
+            status = status or request.status
+    if runtime.agree(status is not None):
+        return status or "stopped"
+    return None
 
 
 def _start_epoch(loader: DataLoader, epoch: int, position: EpochPosition, accum: int) -> int:

@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from finetune.build import Built, build, eval_loader
 from finetune.describe import describe_run, plot_curves
 from finetune.errors import TrainingDiverged, UserError
 from finetune.loop import FitOptions, LoopState, StopRequest, evaluate, fit
+from finetune.observers import Observer
 from finetune.progress import EpochProgress
 from finetune.recipe import Recipe, check_imports
 from finetune.resume import changes_on_resume, restore
@@ -45,12 +46,15 @@ def run(
     run_dir: str | Path | None = None,
     resume: str | Path | None = None,
     console: Console | None = None,
+    observers: Sequence[Observer] = (),
 ) -> RunResult:
     """Train ``recipe`` with the shared loop and return the run folder and its summary.
 
     Args:
         run_dir: where to write the run; by default ``<output.dir>/<name>/<timestamp>``.
         resume: a run folder to continue from its ``last/`` checkpoint (``run_dir`` is ignored).
+        observers: watch the loop (``finetune.observers``); one may end the run early with
+            ``StopRun``, whose status ``summary.json`` then records.
     """
     console = console or Console()
     changed: set[str] = set()
@@ -83,9 +87,10 @@ def run(
                 progress=EpochProgress(enabled=runtime.is_main, console=console),
                 unfreeze=built.unfreeze,
                 stop=stop,
+                observers=observers,
             )
             test_metrics = evaluate_test_split(built, folder)
-        status = "completed"
+        status = state.stopped or "completed"
     except TrainingDiverged:
         status = "diverged"
         raise
