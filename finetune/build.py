@@ -146,7 +146,7 @@ def build(
         raise UserError("scheduler.monitor: val/top5 is only logged with 5 or more classes")
     torch.manual_seed(recipe.seed)  # the new head starts from the same weights in every command
     network = build_model(**{**dict(recipe.model), "num_classes": num_classes})
-    report = freeze(network.model, **dict(recipe.freeze), head=network.head_name)
+    report = freeze(network.model, **dict(recipe.freeze), head=network.head_names)
     _check_batchnorm_batch(network.model, recipe.data.batch_size)
     model, loaders = network.model, (None, None)
     if datasets is not None:

@@ -63,7 +63,7 @@ def plan_to_dict(built: Built) -> dict[str, Any]:
             "num_classes": built.num_classes,
             "head": {
                 "type": recipe.model.head.type,
-                "module": network.head_name,
+                "module": ", ".join(network.head_names),
                 "in_features": network.in_features,
             },
             "params": _count([p for _, p in named]),

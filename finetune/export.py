@@ -26,7 +26,7 @@ from torch import nn
 
 from finetune.config.train import EXPORT_FORMATS, ExportConfig
 from finetune.errors import UserError
-from finetune.fusion import FuseReport, _count_parameters, fuse_bn_with_report
+from finetune.fusion import fuse_bn_with_report, unfused_report
 from finetune.inference import (
     CARD_FILE,
     CARD_KEY,
@@ -253,12 +253,7 @@ def _write_export(
     model, report = (
         fuse_bn_with_report(original, example_input=example)
         if fuse
-        else (
-            original,
-            FuseReport(
-                params_before=_count_parameters(original), params_after=_count_parameters(original)
-            ),
-        )
+        else (original, unfused_report(original))
     )
     card = model_card(trained, fused=fuse, folded=report.folded)
     files = {fmt: folder / FILES[fmt] for fmt in formats}

@@ -56,7 +56,7 @@ def freeze(
     until: str | None = None,
     batchnorm: str = "train",
     unfreeze: Sequence[UnfreezeStep | Mapping[str, Any]] = (),
-    head: str | None = None,
+    head: str | Sequence[str] = (),
 ) -> FreezeReport:
     """Freeze the parameters matching ``patterns`` and those before the stage ``until``.
 
@@ -73,8 +73,8 @@ def freeze(
             (``UnfreezeStep``s or mappings: ``{"epoch": 3, "patterns": ["layer3.*"]}``); each
             pattern must match a parameter frozen here (checked now, applied by
             ``unfreeze_due``).
-        head: the module name of the new head, whose BatchNorm layers (an mlp head's) have no
-            statistics worth keeping and always train.
+        head: the module name(s) of the new head, whose BatchNorm layers (an mlp head's) have
+            no statistics worth keeping and always train.
 
     Example:
         >>> report = freeze(model, until="layer3", batchnorm="frozen")
@@ -159,14 +159,15 @@ def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 
 
-def freeze_batchnorm_statistics(model: nn.Module, skip: str | None = None) -> list[str]:
+def freeze_batchnorm_statistics(model: nn.Module, skip: str | Sequence[str] = ()) -> list[str]:
     """Put every BatchNorm in eval mode and keep it there when ``model.train()`` is called.
 
-    Layers inside the module named ``skip`` (a new head) are left to train.
+    Layers inside the module(s) named ``skip`` (a new head) are left to train.
     """
+    skipped = (skip,) if isinstance(skip, str) else tuple(skip)
     names = []
     for name, module in model.named_modules():
-        inside_skip = skip is not None and (name == skip or name.startswith(f"{skip}."))
+        inside_skip = any(name == s or name.startswith(f"{s}.") for s in skipped)
         if isinstance(module, _BatchNorm) and not inside_skip:
             module.train = types.MethodType(_stay_in_eval, module)  # per instance, not per class
             module.eval()

@@ -98,6 +98,17 @@ def fuse_bn(
     return fuse_bn_with_report(model, inplace=inplace, example_input=example_input)[0]
 
 
+def unfused_report(model: nn.Module) -> FuseReport:
+    """The report of an export without fusion: every BatchNorm remains, none folded."""
+    count = _count_parameters(model)
+    remaining = [
+        {"bn": name, "reason": "fuse_bn is off"}
+        for name, module in model.named_modules()
+        if _is_batchnorm_like(module)
+    ]
+    return FuseReport(remaining=remaining, params_before=count, params_after=count)
+
+
 def fuse_bn_with_report(
     model: nn.Module, *, inplace: bool = False, example_input: torch.Tensor | None = None
 ) -> tuple[nn.Module, FuseReport]:

@@ -31,10 +31,11 @@ TORCHVISION_PREFIX = "torchvision:"
 
 @dataclass
 class BuiltModel:
-    """The model, where its head sits (``fc``, ``head.fc``...), and how its weights were loaded."""
+    """The model, where its head sits (``fc``, ``head.fc``; two names for distilled models such
+    as DeiT's ``head`` and ``head_dist``), and how its weights were loaded."""
 
     model: nn.Module
-    head_name: str
+    head_names: tuple[str, ...]
     load_report: LoadReport | None
     in_features: int = 0  # pooled features the head receives
 
@@ -103,22 +104,26 @@ def build_model(
     else:
         model = _timm_model(backbone, pretrained is True)
         _reset_timm_classifier(model, backbone, num_classes, head.pool)
-    head_name = _classifier_name(model)
-    in_features = model.get_submodule(head_name).in_features
-    new_head = build_head(
-        head.type,
-        in_features=in_features,
-        num_classes=num_classes,
-        init=head.init,
-        **head_options(head),
-    )
-    model.set_submodule(head_name, new_head)
+    head_names = _classifier_names(model)
+    in_features = _classifier_in_features(model.get_submodule(head_names[0]))
+    for name in head_names:  # a distilled model's two heads are both replaced
+        new_head = build_head(
+            head.type,
+            in_features=in_features,
+            num_classes=num_classes,
+            init=head.init,
+            **head_options(head),
+        )
+        model.set_submodule(name, new_head)
     report = None
     if isinstance(pretrained, (str, Path)):
         report = load_partial(
-            model, weights_file(pretrained), **load.model_dump(), new_head=[f"{head_name}.*"]
+            model,
+            weights_file(pretrained),
+            **load.model_dump(),
+            new_head=[f"{name}.*" for name in head_names],
         )
-    return BuiltModel(model, head_name, report, in_features)
+    return BuiltModel(model, head_names, report, in_features)
 
 
 def _reset_timm_classifier(
@@ -181,16 +186,51 @@ def _offline_error(name: str, error: Exception) -> UserError:
     )
 
 
-def _classifier_name(model: nn.Module) -> str:
-    """The dotted name of the final classifier layer of a timm or torchvision model."""
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if isinstance(classifier, (list, tuple)):  # a few timm models have two heads (distilled)
-        classifier = classifier[0]
-    if isinstance(classifier, nn.Linear):
-        name = next((n for n, m in model.named_modules() if m is classifier), None)
-        if name:
-            return name
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The dotted names of the classifier(s) the new head replaces.
+
+    timm models name theirs (``get_classifier()``: one module, or a distilled model's pair); a
+    1x1-convolution classifier (ResNetV2, DLA) is made to see pooled, flattened features like a
+    linear one. torchvision models have no such seam: their last linear layer is the classifier.
+    """
+    if hasattr(model, "get_classifier") and hasattr(model, "reset_classifier"):
+        classifier = model.get_classifier()
+        classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+        names = tuple(n for c in classifiers for n, m in model.named_modules() if m is c)
+        if len(names) == len(classifiers) and all(n for n in names):
+            for name, module in zip(names, classifiers, strict=True):
+                if isinstance(module, nn.Conv2d):
+                    _flatten_before(model, name)
+            return names
     linear_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linear_layers:
-        raise UserError("model.backbone: found no linear classifier layer to replace")
-    return linear_layers[-1]
+        raise UserError("model.backbone: found no classifier layer to replace")
+    return (linear_layers[-1],)
+
+
+def _flatten_before(model: nn.Module, name: str) -> None:
+    """Make the pooling before a 1x1-conv classifier flatten, and the flatten after it a no-op.
+
+    timm's conv classifiers sit between a ``global_pool`` that keeps ``(B, C, 1, 1)`` and a
+    ``flatten``, both in the classifier's parent module; a head takes ``(B, C)``.
+    """
+    parent = model.get_submodule(name.rpartition(".")[0])
+    pool = getattr(parent, "global_pool", None)
+    if not isinstance(getattr(pool, "flatten", None), nn.Module) or not hasattr(parent, "flatten"):
+        raise UserError(
+            f"model.backbone: the 1x1-convolution classifier {name!r} has no pooling to flatten "
+            "before it; this backbone cannot take a new head"
+        )
+    pool.flatten = nn.Flatten(1)
+    parent.flatten = nn.Identity()
+
+
+def _classifier_in_features(classifier: nn.Module) -> int:
+    """Features the classifier takes: a linear or 1x1-conv layer's, or its first linear
+    layer's (LeViT's BatchNorm + linear ``NormLinear``)."""
+    if isinstance(classifier, nn.Conv2d):
+        return classifier.in_channels
+    linear = next((m for m in classifier.modules() if isinstance(m, nn.Linear)), None)
+    if linear is None:
+        raise UserError(f"model.backbone: cannot tell what the classifier {classifier} takes")
+    return linear.in_features

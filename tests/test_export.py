@@ -314,6 +314,15 @@ def test_onnx_without_onnxruntime_is_written_and_noted(trained_run, tmp_path, mo
     assert result.info["fused"] is False and result.info["batchnorm"]["folded"] == []
 
 
+def test_export_without_fusion_reports_every_batchnorm_as_remaining(trained_run, tmp_path):
+    result = export_run(trained_run, out=tmp_path / "out", formats=["safetensors"], fuse_bn=False)
+    batchnorm = result.info["batchnorm"]
+    assert batchnorm["folded"] == [] and len(batchnorm["remaining"]) == 15
+    assert {item["reason"] for item in batchnorm["remaining"]} == {"fuse_bn is off"}
+    params = result.info["parameters"]
+    assert params["before"] == params["after"]
+
+
 def test_export_beyond_tolerance_exits_1_and_keeps_the_files_as_failed(trained_run, tmp_path):
     out = tmp_path / "out"
     result = run_cli(

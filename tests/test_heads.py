@@ -33,7 +33,7 @@ def test_mlp_head_on_every_backbone(backbone):
         type="mlp", hidden=[32, 16], activation="gelu", norm="layernorm", dropout=0.1
     )
     built = build_model(backbone=backbone, num_classes=4, head=config)
-    head = built.model.get_submodule(built.head_name)
+    head = built.model.get_submodule(built.head_names[0])
     assert [type(m) for m in head] == [
         nn.Linear,
         nn.LayerNorm,
@@ -52,8 +52,8 @@ def test_mlp_head_on_every_backbone(backbone):
     )
     size = SIZES[backbone]
     assert built.model(torch.randn(2, 3, size, size)).shape == (2, 4)
-    names = [n for n, _ in built.model.named_parameters() if n.startswith(built.head_name + ".")]
-    assert f"{built.head_name}.0.weight" in names  # head parameters sit under the old name
+    names = [n for n, _ in built.model.named_parameters() if n.startswith(built.head_names[0] + ".")]
+    assert f"{built.head_names[0]}.0.weight" in names  # head parameters sit under the old name
 
 
 def test_mlp_with_batchnorm_and_default_sizes():

@@ -16,7 +16,7 @@ from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 def test_timm_backbone_gets_a_new_head():
     built = build_model(backbone="test_resnet", num_classes=7)
-    assert built.head_name == "fc"
+    assert built.head_names == ("fc",)
     assert isinstance(built.model.fc, nn.Linear) and built.model.fc.out_features == 7
     assert built.model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert built.load_report is None
@@ -32,13 +32,59 @@ def test_head_dropout_wraps_the_linear_layer():
 )
 def test_head_is_found_from_timm_config(backbone, head_name):
     built = build_model(backbone=backbone, num_classes=3)
-    assert built.head_name == head_name
+    assert built.head_names == (head_name,)
     assert built.model.get_submodule(head_name).out_features == 3
+
+
+@pytest.mark.parametrize("backbone", ["resnetv2_18", "dla46_c"])
+def test_a_1x1_conv_classifier_is_replaced_by_a_head_on_flat_features(backbone):
+    """ResNetV2 and DLA classify with a 1x1 convolution on (B, C, 1, 1): the new head (a
+    linear layer, or any custom head) gets (B, C) features and the logits are the head's."""
+    built = build_model(backbone=backbone, num_classes=4)
+    model = built.model.eval()
+    (name,) = built.head_names
+    head = model.get_submodule(name)
+    assert isinstance(head, nn.Linear) and head.in_features == built.in_features
+    images = torch.randn(2, 3, 32, 32)
+    features = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert features.shape == (2, built.in_features)
+    torch.testing.assert_close(model(images), head(features))
+
+
+@pytest.mark.parametrize(
+    "backbone, heads",
+    [
+        ("deit_tiny_distilled_patch16_224", ("head", "head_dist")),
+        ("levit_128s", ("head", "head_dist")),
+    ],
+)
+def test_a_distilled_models_two_heads_are_both_replaced(backbone, heads):
+    """DeiT-distilled and LeViT average a class head and a distillation head: both become new
+    heads (LeViT's BatchNorm + linear pair included), so no pretrained 1000-class logit leaks."""
+    built = build_model(backbone=backbone, num_classes=3)
+    assert built.head_names == heads
+    model = built.model.eval()
+    for name in heads:
+        assert isinstance(model.get_submodule(name), nn.Linear)
+    outputs = {}
+    for name in heads:
+        module = model.get_submodule(name)
+        module.register_forward_hook(lambda m, args, out, name=name: outputs.update({name: out}))
+    logits = model(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 3)
+    torch.testing.assert_close(logits, (outputs["head"] + outputs["head_dist"]) / 2)
+
+
+@pytest.mark.parametrize("pool, factor", [("avgmax", 1), ("catavgmax", 2)])
+def test_head_pool_choices_size_the_new_head(pool, factor):
+    built = build_model(backbone="test_resnet", num_classes=3, head={"pool": pool})
+    assert built.model.fc.in_features == 96 * factor == built.in_features
+    assert built.model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
 def test_torchvision_backbone_with_prefix():
     built = build_model(backbone="torchvision:mobilenet_v3_small", num_classes=5)
-    assert built.head_name == "classifier.3"
+    assert built.head_names == ("classifier.3",)
     assert built.model(torch.randn(2, 3, 64, 64)).shape == (2, 5)
 
 
