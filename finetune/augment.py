@@ -22,12 +22,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode, v2
 
 from finetune.config.augment import AUGMENTATIONS, Augmentation, parse_augmentations
 from finetune.config.data import DataConfig
 from finetune.errors import UserError
+from finetune.recipe import describe_errors
 
 BATCH = tuple(name for name, spec in AUGMENTATIONS.items() if spec.stage == "batch")
 
@@ -188,8 +190,10 @@ def build_batch_transform(
     """
     try:
         items = parse_augmentations(list(augment))
-    except ValueError as error:
-        raise UserError(f"data.augment: {error}") from None
+    except ValidationError as error:
+        raise UserError(
+            "data.augment: invalid", describe_errors(error, ("data", "augment"))
+        ) from None
     mixes = [
         BUILDERS[item.name](item.args, num_classes) for item in items if item.spec.stage == "batch"
     ]

@@ -176,6 +176,8 @@ def print_load_report(report: LoadReport, console: Console) -> None:
 
 def print_plan(built: Built, console: Console) -> None:
     """Load report, parameter groups, frozen/trainable totals, BatchNorm policy, unfreezing,
+    elif report.suggestion:
+        console.print(f"hint: {escape(report.suggestion)}")
     and the LR schedule of each group."""
     info = plan_to_dict(built)
     head = info["model"]["head"]

@@ -22,6 +22,13 @@ class UserError(Exception):
         return head + "\n" + "\n".join(f"  - {line}" for line in self.problems)
 
 
+def at_most(lines: list[str], limit: int) -> list[str]:
+    """The first ``limit`` lines, and one saying how many were left out, if any."""
+    if len(lines) <= limit:
+        return lines
+    return [*lines[:limit], f"... and {len(lines) - limit} more"]
+
+
 class TrainingDiverged(Exception):
     """The loss or the gradient norm stopped being finite (exit code 3). The last good
     checkpoint is kept; nothing after it was saved."""

@@ -9,6 +9,7 @@ imports torch.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -269,9 +270,26 @@ def describe_errors(error: ValidationError, where: tuple[str | int, ...] = ()) -
             message = item["msg"].removeprefix("Value error, ")
             got = item.get("input")
             if not isinstance(got, dict):  # a whole section's check names its keys itself
-                message += f" (got {got!r})"
+                message += f" (got {got!r}){_closest_choice(item)}{_unquote_hint(item)}"
             lines.append(f"{key}: {message}" if loc else message)
     return lines
+
+
+def _closest_choice(item: Any) -> str:
+    """``; did you mean 'cosine'?`` for a value that is not one of a key's choices."""
+    if item["type"] != "literal_error" or not isinstance(item.get("input"), str):
+        return ""
+    choices = re.findall(r"'([^']*)'", item["ctx"]["expected"])
+    close = difflib.get_close_matches(item["input"], choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unquote_hint(item: Any) -> str:
+    """A number or a bool written as a string: a recipe is typed YAML, say how to write it."""
+    wanted = {"int_type": "a number", "float_type": "a number", "bool_type": "true or false"}
+    if item["type"] in wanted and isinstance(item.get("input"), str):
+        return f"; write {wanted[item['type']]} without quotes"
+    return ""
 
 
 # Pydantic names the member of a union in the error path: a source by its ``type``, other members

@@ -20,7 +20,6 @@ import json
 import pickle
 import re
 import zipfile
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.errors import UserError
+from finetune.errors import UserError, at_most
+from finetune.load_suggestion import key_examples, suggest_rule
 from finetune.patterns import matches_any, unmatched_patterns
 
 TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
@@ -37,7 +37,7 @@ TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
 NESTED_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema", "ema")
 # Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-COMMON_PREFIXES = (*WRAPPER_PREFIXES, "model.", "backbone.", "encoder.", "net.")
+LISTED = 20  # keys listed in an error; the rest are counted
 # Harmless classes that checkpoints carry beside the weights (torchvision's reference scripts
 # save their argparse options): allowed by the weights_only unpickler.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -282,7 +282,7 @@ def check_fits(
         ):
             problems.append(f"{key}: holds NaN or infinite values")
     if problems:
-        raise UserError(f"{source}: tensors that do not fit the model", problems[:20])
+        raise UserError(f"{source}: tensors that do not fit the model", at_most(problems, LISTED))
 
 
 def load_weights(
@@ -421,11 +421,18 @@ def load_partial(
             for m in report.mismatched
         ]
         raise UserError(f"{name}: tensors with the wrong shape (on_shape_mismatch: error)", shapes)
-    if strict:
-        _check_strict(report, list(new_head))
-    check_fits(to_load, target, source=name)
-    if report.almost_nothing_loaded:
+    unloaded = [key for key in report.missing if not matches_any(key, list(new_head))]
+    if unloaded:  # tensors below the head stay at their initial values: say what would help
         report.suggestion = suggest_rule(file_state, target)
+        if report.suggestion is None and (strict or report.almost_nothing_loaded):
+            report.suggestion = key_examples(file_state, target)
+    if strict and unloaded:
+        raise UserError(
+            f"{name}: strict load (model.load.strict) left {len(unloaded)} of the model's "
+            f"tensors unloaded; {report.suggestion}",
+            at_most(unloaded, LISTED),
+        )
+    check_fits(to_load, target, source=name)
     model.load_state_dict(to_load, strict=False)
     return report
 
@@ -503,42 +510,3 @@ def _sort_keys(
     report.unexpected.sort()
     report.mismatched.sort(key=lambda item: item["key"])
     return to_load
-
-
-def _check_strict(report: LoadReport, new_head: list[str]) -> None:
-    unloaded = [key for key in report.missing if not matches_any(key, new_head)]
-    if unloaded:
-        raise UserError(
-            f"{report.source}: strict load (model.load.strict) left "
-            f"{len(unloaded)} of the model's tensors unloaded",
-            unloaded[:20],
-        )
-
-
-def suggest_rule(file_state: Mapping[str, torch.Tensor], target: Mapping[str, Any]) -> str:
-    """The ``strip_prefix`` or ``add_prefix`` rule under which most file keys match the model.
-
-    Tried: the most common first components of the file's keys, and ``COMMON_PREFIXES``.
-    Without a helpful rule, example keys of both sides show how they differ.
-    """
-    first_parts = Counter(key.split(".", 1)[0] + "." for key in file_state if "." in key)
-    strips = {p for p, _ in first_parts.most_common(3)} | set(COMMON_PREFIXES)
-    model_parts = Counter(key.split(".", 1)[0] + "." for key in target if "." in key)
-    adds = {p for p, _ in model_parts.most_common(3)} | set(COMMON_PREFIXES)
-    candidates = [
-        (f"strip_prefix: [{p}]", lambda k, p=p: k.removeprefix(p)) for p in sorted(strips)
-    ]
-    candidates += [(f"add_prefix: {p}", lambda k, p=p: p + k) for p in sorted(adds)]
-    best, best_hits = None, sum(k in target for k in file_state)
-    for rule, change in candidates:
-        hits = sum(change(k) in target for k in file_state)
-        if hits > best_hits:
-            best, best_hits = rule, hits
-    if best is not None:
-        return f"model.load: {{{best}}} would match {best_hits} of {len(file_state)} file keys"
-    file_example = next(iter(file_state), "(none)")
-    model_example = next(iter(target), "(none)")
-    return (
-        f"no prefix rule helps: file keys look like {file_example!r}, model keys like "
-        f"{model_example!r}; try model.load.rename"
-    )

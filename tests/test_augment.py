@@ -163,7 +163,7 @@ def test_soft_labels_with_label_smoothing_give_a_finite_loss():
 @pytest.mark.parametrize(
     "augment, message",
     [
-        ([{"hflip": {"p": 2}}], "data.augment: hflip.p: Input should be less than or equal to 1"),
+        ([{"hflip": {"p": 2}}], "data.augment.0: hflip.p: Input should be less than or equal to 1"),
         ([{"rotate": [30, 10]}], "rotate.degrees: a range is [min, max] with min <= max"),
         ([{"rotate90": [0, 45]}], "rotate90.angles.1: Input should be 0, 90, 180 or 270"),
         (

@@ -60,7 +60,7 @@ def test_batch_transform_takes_typed_or_plain_augmentations():
     typed = Recipe.from_dict(tiny_recipe(data={"augment": [{"mixup": 0.2}]})).data.augment
     assert build_batch_transform(typed, num_classes=3) is not None
     assert build_batch_transform(["hflip"], num_classes=3) is None
-    with pytest.raises(UserError, match="data.augment: unknown augmentation 'mixpu'"):
+    with pytest.raises(UserError, match="data.augment.0: unknown augmentation 'mixpu'"):
         build_batch_transform(["mixpu"], num_classes=3)
 
 

@@ -145,7 +145,27 @@ def test_load_report_warns_loudly_when_almost_nothing_matches(tmp_path):
     print_load_report(built.network.load_report, console)
     text = " ".join(console.export_text().split())
     assert "WARNING: only 0 of the model's" in text
-    assert "model.load: {strip_prefix: [encoder.]} would match" in text
+    assert "model.load: {strip_prefix: [encoder.]} would load 90 of the file" in text
+
+
+def test_load_report_shows_a_rule_that_would_load_more_even_when_most_loaded(tmp_path):
+    """The last stage under another prefix: no loud warning, but the rule is shown."""
+    state = timm.create_model("test_resnet").state_dict()
+    state = {(f"encoder.{k}" if k.startswith("layer3") else k): v for k, v in state.items()}
+    save_file(state, tmp_path / "w.safetensors")
+    recipe = tiny_recipe(
+        model={
+            "backbone": "test_resnet",
+            "num_classes": 3,
+            "pretrained": str(tmp_path / "w.safetensors"),
+        }
+    )
+    report = plan(Recipe.from_dict(recipe)).network.load_report
+    console = Console(record=True, width=200)
+    print_load_report(report, console)
+    text = " ".join(console.export_text().split())
+    assert report.warning is None and "WARNING" not in text
+    assert "hint: model.load: {strip_prefix: [encoder.]} would load" in text
 
 
 def _weights_with_another_head(tmp_path) -> tuple[dict, dict]:

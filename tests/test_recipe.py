@@ -151,6 +151,41 @@ def test_unknown_augmentation_suggests_one():
     assert "did you mean 'rotate'" in lines[0]
 
 
+def test_numbers_and_bools_written_as_strings_are_errors_but_set_values_are_yaml(tmp_path):
+    """A recipe is typed YAML: "2" is not a number and "yes" not a bool. ``--set`` parses its
+    values as YAML, so ``train.epochs=2`` is the number 2."""
+    lines = problems(tiny_recipe(train={"epochs": "2"}, optimizer={"lr": 0.1, "nesterov": "yes"}))
+    assert sorted(lines) == [
+        "optimizer.nesterov: Input should be a valid boolean (got 'yes'); "
+        "write true or false without quotes",
+        "train.epochs: Input should be a valid integer (got '2'); write a number without quotes",
+    ]
+    recipe = Recipe.load(write_recipe(tmp_path / "r.yaml", tiny_recipe()), ["train.epochs=2"])
+    assert recipe.train.epochs == 2
+    assert Recipe.from_dict(tiny_recipe(optimizer={"lr": 1})).optimizer.lr == 1.0  # int is a float
+
+
+def test_a_choice_typo_gets_the_closest_choice():
+    lines = problems(tiny_recipe(scheduler={"name": "cosin"}, train={"precision": "bf61"}))
+    assert any(
+        line.startswith("scheduler.name:") and "did you mean 'cosine'?" in line for line in lines
+    )
+    assert any(
+        line.startswith("train.precision:") and "did you mean 'bf16'?" in line for line in lines
+    )
+
+
+def test_every_bad_augmentation_is_reported_at_once_under_its_index():
+    lines = problems(
+        tiny_recipe(data={"augment": ["hflipp", "vflip", {"rotate": {"degrees": "x"}}]})
+    )
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "data.augment.0: unknown augmentation 'hflipp'; did you mean 'hflip'?"
+    )
+    assert lines[1].startswith("data.augment.2: rotate.degrees:")
+
+
 def test_validation_source_is_required():
     data = tiny_recipe()
     del data["data"]["val"]

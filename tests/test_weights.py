@@ -226,6 +226,51 @@ def test_nothing_matching_suggests_a_prefix_to_add():
     assert "add_prefix: model." in report.suggestion
 
 
+def _fastai_learner_file() -> dict[str, torch.Tensor]:
+    """What fastai's ``Learner.save`` holds for a vision learner: the body as ``0.model.*``
+    (timm models are wrapped as ``TimmBody.model``) and fastai's own head as ``1.*``."""
+    body = {f"0.model.{key}": value for key, value in _tiny(seed=1).state_dict().items()}
+    head = {"1.2.weight": torch.ones(192), "1.4.weight": torch.ones(3, 192)}
+    return {
+        key: value for key, value in {**body, **head}.items() if not key.startswith("0.model.fc.")
+    }
+
+
+def test_a_fastai_file_gets_the_multi_part_prefix_that_loads_every_backbone_tensor():
+    state = _fastai_learner_file()
+    report = load_partial(_tiny(), state, new_head=["fc.*"])
+    backbone = len(state) - 2
+    assert report.suggestion == (
+        f"model.load: {{strip_prefix: [0.model.]}} would load {backbone} of the file's "
+        f"{len(state)} tensors (as it is: 0)"
+    )
+    followed = load_partial(_tiny(), state, strip_prefix=["0.model."], new_head=["fc.*"])
+    assert len(followed.loaded) == backbone and followed.missing == ["fc.bias", "fc.weight"]
+
+
+def test_a_strict_load_that_fails_names_the_rule_and_counts_what_the_list_leaves_out():
+    state = _fastai_learner_file()
+    with pytest.raises(UserError) as caught:
+        load_partial(_tiny(), state, strict=True, new_head=["fc.*"])
+    message = str(caught.value)
+    unloaded = len(_tiny().state_dict()) - 2
+    assert f"left {unloaded} of the model's tensors unloaded" in message
+    assert "{strip_prefix: [0.model.]} would load" in message
+    assert caught.value.problems[-1] == f"... and {unloaded - 20} more"
+    assert len(caught.value.problems) == 21
+
+
+def test_a_prefix_to_strip_and_one_to_add_are_suggested_together():
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = _tiny()
+
+    state = {f"encoder.{key}": value for key, value in _tiny(seed=1).state_dict().items()}
+    report = load_partial(Wrapper(), state)
+    assert "{strip_prefix: [encoder.], add_prefix: backbone.} would load" in report.suggestion
+
+
 def test_unrelated_keys_show_examples_of_both_sides():
     report = load_partial(_tiny(), {"encoder.stem.kernel": torch.zeros(1)})
     assert "file keys look like 'encoder.stem.kernel'" in report.suggestion

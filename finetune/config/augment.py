@@ -14,15 +14,18 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     PlainSerializer,
     PlainValidator,
     SerializationInfo,
+    TypeAdapter,
     field_validator,
 )
 
 from finetune.config.common import (
+    AsTuple,
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
@@ -51,7 +54,8 @@ class Rotate90Args(Section):
 
 
 class ResizeArgs(Section):
-    size: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None  # shorter side or [h, w]
+    # the shorter side, or [h, w]
+    size: PositiveInt | Annotated[tuple[PositiveInt, PositiveInt], AsTuple] | None = None
     interpolation: Interpolation = "bilinear"
 
 
@@ -224,11 +228,15 @@ def parse_augmentation(item: Any) -> Augmentation:
     return Augmentation(name, validated(spec.args, args, name))
 
 
-def parse_augmentations(value: Any) -> list[Augmentation]:
-    """A list of augmentations, each as ``parse_augmentation`` takes it, checked together."""
+def _a_list(value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise ValueError("a list of augmentations, e.g. [hflip, {rotate: 15}]")
-    items = [parse_augmentation(item) for item in value]
+    return value
+
+
+def check_together(items: list[Augmentation]) -> list[Augmentation]:
+    """The checks of the list as a whole, once every item has parsed: no name twice, no crop
+    that ``random_resized_crop`` already does."""
     names = [item.name for item in items]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
@@ -243,8 +251,8 @@ def _dump(item: Augmentation, info: SerializationInfo) -> dict[str, dict[str, An
     return {item.name: item.args.model_dump(mode=info.mode, exclude_unset=True)}
 
 
-# The type of ``data.augment``: parsed as a whole (duplicates and clashes are errors of the list),
-# written back in the recipe's own form.
+# The type of ``data.augment``: each item parsed on its own (every bad item is reported, under
+# its index), then the list checked as a whole; written back in the recipe's own form.
 Augmentations = Annotated[
     list[
         Annotated[
@@ -253,5 +261,15 @@ Augmentations = Annotated[
             PlainSerializer(_dump, return_type=Any),
         ]
     ],
-    BeforeValidator(parse_augmentations),
+    BeforeValidator(_a_list),
+    AfterValidator(check_together),
 ]
+
+
+def parse_augmentations(value: Any) -> list[Augmentation]:
+    """A list in the recipe's form as ``data.augment`` validates it.
+
+    Raises:
+        pydantic.ValidationError: one error per bad item (under its index) or for the list.
+    """
+    return TypeAdapter(Augmentations).validate_python(value)

@@ -6,7 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -22,15 +31,26 @@ def _min_max(value: Any) -> Any:
     return value
 
 
-Range = Annotated[tuple[float, float], AfterValidator(_min_max)]
-PositiveRange = Annotated[tuple[PositiveFloat, PositiveFloat], AfterValidator(_min_max)]
-ShareRange = Annotated[tuple[Share, Share], AfterValidator(_min_max)]
+def _list_as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# YAML has lists, not tuples: a fixed-length list is read as a tuple, its items stay strict.
+AsTuple = BeforeValidator(_list_as_tuple)
+# A path is written as a string in YAML.
+PathValue = Annotated[Path, Strict(False)]
+
+Range = Annotated[tuple[float, float], AsTuple, AfterValidator(_min_max)]
+PositiveRange = Annotated[tuple[PositiveFloat, PositiveFloat], AsTuple, AfterValidator(_min_max)]
+ShareRange = Annotated[tuple[Share, Share], AsTuple, AfterValidator(_min_max)]
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors and values are immutable."""
+    """Base of every recipe section: unknown keys are errors, values are immutable, and types
+    are strict: a recipe is typed YAML, so ``"2"`` is not a number and ``"yes"`` not a bool
+    (an int is a float, though)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def existing_path(value: Path | None, info: ValidationInfo) -> Path | None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from finetune.config.common import PositiveInt, Section, existing_path
+from finetune.config.common import PathValue, PositiveInt, Section, existing_path
 
 
 class HeadConfig(Section):
@@ -69,7 +69,7 @@ class ModelConfig(Section):
     """
 
     backbone: str
-    pretrained: bool | Path = False
+    pretrained: bool | PathValue = False
     num_classes: Annotated[int, Field(ge=2)] | None = None
     head: HeadConfig = HeadConfig()
     load: LoadConfig = LoadConfig()

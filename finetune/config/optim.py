@@ -15,7 +15,14 @@ from pydantic import (
     model_validator,
 )
 
-from finetune.config.common import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Section
+from finetune.config.common import (
+    AsTuple,
+    Fraction,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    Section,
+)
 
 
 class ParamGroupRule(Section):
@@ -99,7 +106,7 @@ class OptimizerConfig(Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] | None = None
     dampening: Annotated[float, Field(ge=0, le=1)] | None = None  # sgd
     nesterov: bool | None = None  # sgd
-    betas: Annotated[tuple[Fraction, ...], Field(min_length=2, max_length=3)] | None = None
+    betas: Annotated[tuple[Fraction, ...], AsTuple, Field(min_length=2, max_length=3)] | None = None
     eps: PositiveFloat | None = None
     alpha: Fraction | None = None  # rmsprop: smoothing of the squared gradients
     centered: bool | None = None  # rmsprop

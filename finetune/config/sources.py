@@ -10,7 +10,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from finetune.config.common import PositiveInt, Section, existing_path
+from finetune.config.common import PathValue, PositiveInt, Section, existing_path
 
 
 class ImageFolderSource(Section):
@@ -21,7 +21,7 @@ class ImageFolderSource(Section):
     """
 
     type: Literal["imagefolder"]
-    root: Path
+    root: PathValue
 
     @field_validator("root")
     @classmethod
@@ -38,7 +38,7 @@ class ManifestSource(Section):
     """
 
     type: Literal["csv", "jsonl"]
-    path: Path
+    path: PathValue
     path_key: str = "path"
     label_key: str = "label"
 
@@ -58,7 +58,7 @@ class TorchvisionSource(Section):
 
     type: Literal["torchvision"]
     name: Annotated[str, Field(min_length=1)]
-    root: Path
+    root: PathValue
     split: str = "train"
 
     @field_validator("root")

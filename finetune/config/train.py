@@ -8,7 +8,13 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator
 
-from finetune.config.common import NonNegativeFloat, PositiveFloat, PositiveInt, Section
+from finetune.config.common import (
+    NonNegativeFloat,
+    PathValue,
+    PositiveFloat,
+    PositiveInt,
+    Section,
+)
 
 
 class CheckpointEvery(Section):
@@ -44,7 +50,7 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     """Where the run folder goes, and which metric picks the best weights."""
 
-    dir: Path = Path("checkpoints")
+    dir: PathValue = Path("checkpoints")
     save_best: Literal["val/top1", "val/loss"] = "val/top1"
 
 
