@@ -3,12 +3,15 @@ it until it finishes, and compare its final weights with an uninterrupted run, b
 
     python benchmarks/kill_soak.py --kills 30        # the issue's soak (about 10 minutes)
     python benchmarks/kill_soak.py --kills 3 --epochs 2   # the quick version the tests run
+    python benchmarks/kill_soak.py --kills 10 --epochs 2 --freeze   # shared frozen files too
 
 Each trial starts a fresh run and SIGKILLs its whole process group (loader workers included)
 either after a random delay or the moment a checkpoint's staging folder appears (a save in
 progress), then runs `finetune run RECIPE --resume DIR` until the run completes; a trial may be
 killed more than once. The recipe uses the defaults a user gets (loader workers: auto, hflip and
-random crops) and checkpoints every few steps, so most kills land mid-epoch.
+random crops) and checkpoints every few steps, so most kills land mid-epoch. With ``--freeze``
+the stem and layer1 start frozen and layer1 trains from epoch 2: checkpoints hard-link the
+shared frozen file, then write a new one when layer1 starts to change.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import time
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file
+
+from finetune.weights import read_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def recipe(epochs: int, backbone: str) -> dict:
+def recipe(epochs: int, backbone: str, freeze: bool) -> dict:
+    frozen = {"until": "layer2", "unfreeze": [{"epoch": 2, "patterns": ["layer1.*"]}]}
     return {
         "name": "kill-soak",
         "seed": 0,
@@ -44,6 +49,7 @@ def recipe(epochs: int, backbone: str) -> dict:
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "scheduler": {"name": "cosine", "warmup_epochs": 1},
         "train": {"epochs": epochs, "device": "cpu", "checkpoint_every": {"steps": 5}},
+        **({"freeze": frozen} if freeze else {}),
     }
 
 
@@ -116,11 +122,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-delay", type=float, default=8.0, help="latest random kill (s)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--freeze", action="store_true", help="frozen stem, layer1 unfrozen")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kill-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     path = work / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe(args.epochs, args.backbone), sort_keys=False))
+    soak = recipe(args.epochs, args.backbone, args.freeze)
+    path.write_text(yaml.safe_dump(soak, sort_keys=False))
 
     reference_dir = work / "uninterrupted"
     reference = start(["run", str(path), "--run-dir", str(reference_dir)])
@@ -128,13 +136,13 @@ def main() -> int:
     if reference.returncode != 0:
         print(stderr, file=sys.stderr)
         return 1
-    expected = load_file(reference_dir / "last" / "model.safetensors")
+    expected = read_state_dict(reference_dir / "last" / "model.safetensors")  # frozen file too
 
     rng, equal, total_kills = random.Random(args.seed), 0, 0
     for index in range(args.kills):
         run_dir = work / f"trial{index}"
         kills, mode = trial(path, run_dir, rng, args.max_delay)
-        actual = load_file(run_dir / "last" / "model.safetensors")
+        actual = read_state_dict(run_dir / "last" / "model.safetensors")
         same = actual.keys() == expected.keys() and all(
             actual[key].equal(expected[key]) for key in expected
         )

@@ -29,12 +29,14 @@ from finetune.data import (
 )
 from finetune.distributed import ShardSampler
 from finetune.errors import UserError
+from finetune.feature_cache import CACHE_FOLDER, FeatureCache, plan_cache
 from finetune.freezing import FreezeReport, UnfreezeStage, freeze
+from finetune.image_cache import cache_images
 from finetune.lr_find import LRFinderResult, lr_range_test
 from finetune.model import BuiltModel, build_model, check_backbone_name, pretrained_config
 from finetune.optim import build_optimizer, lr_scale_factor, optimizer_arguments, training_groups
 from finetune.recipe import Recipe
-from finetune.runtime import Runtime, seed_everything
+from finetune.runtime import Runtime, resolve_compile, seed_everything
 from finetune.schedule import Schedule, build_scheduler
 from finetune.sources import count_classes
 from finetune.stats import with_measured_normalization
@@ -66,6 +68,7 @@ class Built:
     train_loader: DataLoader | None = None
     val_loader: DataLoader | None = None
     lr_found: LRFinderResult | None = field(default=None)
+    features: FeatureCache | None = None  # train.cache_features (finetune.feature_cache)
 
     @property
     def effective_batch_size(self) -> int:
@@ -119,6 +122,7 @@ def build(
         precision=recipe.train.precision,
         channels_last=recipe.train.channels_last,
     )
+    compile_model = resolve_compile(recipe.train.compile, runtime.device)  # before reading data
     datasets = None
     if data:
         datasets = build_datasets(
@@ -136,6 +140,7 @@ def build(
         )
         # `normalize: dataset` is measured once: the run's recipe.yaml keeps the values.
         recipe = with_measured_normalization(recipe, datasets.normalization)
+        datasets = cache_images(datasets, recipe.data, progress=runtime.is_main)
     num_classes = _num_classes(recipe, datasets)
     if recipe.freeze.unfreeze and runtime.distributed:
         raise UserError(
@@ -152,7 +157,7 @@ def build(
     if datasets is not None:
         # Frozen BatchNorm layers compute no batch statistics: there is nothing to synchronise.
         sync_bn = recipe.train.sync_batchnorm and recipe.freeze.batchnorm != "frozen"
-        model = runtime.prepare(model, sync_batchnorm=sync_bn)
+        model = runtime.prepare(model, sync_batchnorm=sync_bn, compile=compile_model)
         loaders = _loaders(recipe, runtime, datasets)
         steps_per_epoch = -(-len(loaders[0]) // recipe.train.grad_accum_steps)
     lr = recipe.optimizer.lr
@@ -183,6 +188,7 @@ def build(
         steps_per_epoch,
         datasets,  # type: ignore[arg-type]
         *loaders,
+        features=_feature_cache(recipe, runtime, network, model, report, loaders),
     )
     if lr == "auto":
         built = _with_range_test_lr(built)
@@ -298,3 +304,35 @@ def _num_classes(recipe: Recipe, datasets: Datasets | None) -> int:
     if datasets is not None:
         return len(datasets.classes)
     return recipe.model.num_classes or count_classes(recipe.data.train)
+
+
+def _feature_cache(
+    recipe: Recipe,
+    runtime: Runtime,
+    network: BuiltModel,
+    model: nn.Module,
+    report: FreezeReport,
+    loaders: tuple[DataLoader | None, DataLoader | None],
+) -> FeatureCache:
+    """``train.cache_features``, checked now (``true`` where it cannot hold fails before any
+    file is written); the features are computed when the first cached epoch starts."""
+    plan = plan_cache(
+        network.model,
+        network.head_names,
+        cache_features=recipe.train.cache_features,
+        augment=recipe.data.augment,
+        unfreeze=report.unfreeze,
+        world_size=runtime.world_size,
+        in_features=network.in_features,
+    )
+    return FeatureCache(
+        plan,
+        model=model,
+        head_names=network.head_names,
+        loaders=loaders,
+        runtime=runtime,
+        directory=recipe.output.dir / CACHE_FOLDER,
+        memory_limit_gb=recipe.train.cache_features_memory_gb,
+        sources=recipe.data.model_dump(mode="json", include={"train", "val"}),
+        progress=runtime.is_main,
+    )

@@ -34,6 +34,15 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a recipe key: --set optimizer.lr=3e-4 (repeatable)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Allow what runs code from the files read: a TorchScript file, a head or "
+        "schedule named by import path in the run's recipe.yaml or the export's card. "
+        "Only for files you trust.",
+    ),
+]
 
 
 @app.callback()
@@ -168,31 +177,42 @@ def eval_(
     ],
     data: Annotated[Path, typer.Argument(help="An image folder with one sub-folder per class.")],
     json_: JsonOpt = False,
-    trust_code: Annotated[
-        bool,
+    trust_code: TrustCodeOpt = False,
+    report: Annotated[
+        Path | None,
         typer.Option(
-            "--trust-code",
-            help="Allow what runs code from the files read: a TorchScript file, a head or "
-            "schedule named by import path in the run's recipe.yaml or the export's card. "
-            "Only for files you trust.",
+            help="Also write pictures into this folder: confusion matrix, per-class precision, "
+            "recall and F1, the most confidently wrong images, a reliability diagram; and "
+            "report.json.",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
 ) -> None:
     """Loss, top-1, top-5 and per-class accuracy of a trained model on an image folder."""
     from finetune.inference import evaluate_folder, load_trained
 
     trained = load_trained(source, trust_code=trust_code)
-    result = evaluate_folder(trained, data)
+    if report is None:
+        result = evaluate_folder(trained, data)
+    else:
+        from finetune.report import write_report
+
+        result = write_report(trained, data, report)
     if json_:
         console.print_json(json.dumps(result))
         return
     from rich.table import Table
 
     console.print("  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
-    table = Table("class", "images", "top-1")
+    scores = ("precision", "recall", "f1") if report is not None else ()
+    table = Table("class", "images", "top-1", *scores)
     for name, row in result["per_class"].items():
-        table.add_row(name, str(row["images"]), f"{row['top1']:.1%}")
+        cells = (f"{row[key]:.3f}" for key in scores)
+        table.add_row(name, str(row["images"]), f"{row['top1']:.1%}", *cells)
     console.print(table)
+    if report is not None:
+        ece = result["calibration"]["ece"]
+        console.print(f"ECE {ece:.4f}; pictures and report.json in {report}", markup=False)
 
 
 @app.command()
@@ -205,15 +225,7 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
     json_: JsonOpt = False,
-    trust_code: Annotated[
-        bool,
-        typer.Option(
-            "--trust-code",
-            help="Allow what runs code from the files read: a TorchScript file, a head or "
-            "schedule named by import path in the run's recipe.yaml or the export's card. "
-            "Only for files you trust.",
-        ),
-    ] = False,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Top-k classes and probabilities for each image."""
     from finetune.inference import load_trained, predict_images
@@ -226,6 +238,42 @@ def predict(
     for item in predictions:
         ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in item["top_k"])
         console.print(f"{item['image']}: {ranked}", markup=False)
+
+
+@app.command("inspect")
+@handles_errors
+def inspect_(
+    source: Annotated[
+        Path,
+        typer.Argument(help="A run folder, a checkpoint inside one, or an export folder or file."),
+    ],
+    out: Annotated[Path, typer.Option(help="The folder the pictures go into.")],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(help="An image to show feature maps and Grad-CAM for (repeatable)."),
+    ] = None,
+    json_: JsonOpt = False,
+    trust_code: TrustCodeOpt = False,
+) -> None:
+    """Pictures of a trained model: first-layer filters, weights per layer, each layer's change
+    from the weights the run started from, and per image the feature maps of every stage and
+    Grad-CAM for the top class. The last line is the folder."""
+    from finetune.inspection import inspect_model
+
+    result = inspect_model(source, image or [], out, trust_code=trust_code)
+    if json_:
+        console.print_json(json.dumps(result))
+        return
+    for note in result["notes"]:
+        console.print(f"note: {note}", markup=False)
+    for item in result["images"]:
+        console.print(
+            f"{item['image']}: {item['top_class']} {item['probability']:.1%} "
+            f"(Grad-CAM at {item['cam_layer']})",
+            markup=False,
+        )
+    console.print(f"pictures: {', '.join(result['pictures'])}", markup=False)
+    console.print(str(out), markup=False)
 
 
 @app.command()
@@ -453,6 +501,105 @@ def lr_find(
         console.print(f"  group {name} trains at {lr:.3g}", markup=False)
     console.print(f"use it: --set optimizer.lr={result.suggestion:.3g}", markup=False)
     console.print(str(folder), markup=False)
+
+
+@app.command()
+@handles_errors
+def sweep(
+    recipe: Annotated[
+        Path | None,
+        typer.Argument(help="The YAML recipe (optional with --resume).", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            help="KEY=[V1,V2,...]: a trial per value; several --grid: every combination.",
+        ),
+    ] = None,
+    search: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--search",
+            help="KEY=DIST sampled by Optuna (TPE): loguniform(low,high), uniform(low,high), "
+            "int(low,high), logint(low,high) or choice(v1,v2,...). Needs --trials.",
+        ),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="How many trials a --search runs.", show_default=False)
+    ] = None,
+    sweep_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="The sweep folder (default: <output.dir>/<name>-sweep/<timestamp>).",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue a sweep folder (with no value: the recipe's latest sweep), or work "
+            "on it beside another worker: finished trials are kept, an interrupted one "
+            "continues from its last/ checkpoint.",
+            show_default=False,
+        ),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="An Optuna storage URL that several workers share, e.g. "
+            "postgresql://user@host/db (default: study.db in the sweep folder, SQLite).",
+            show_default=False,
+        ),
+    ] = None,
+    study: Annotated[
+        str | None,
+        typer.Option(
+            help="The study's name in --storage (default: the recipe's name).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Train a run per trial of a grid or an Optuna search, then print the table of results
+    (also results.csv, results.md and sweep.png). The last line printed is the sweep folder."""
+    from finetune.errors import Interrupted, UserError
+
+    if resume is not None:
+        given = {"--set": set_, "--grid": grid, "--search": search, "--trials": trials}
+        given.update({"--sweep-dir": sweep_dir, "--storage": storage, "--study": study})
+        if any(given.values()):
+            flags = ", ".join(flag for flag, value in given.items() if value)
+            raise UserError(f"--resume continues a sweep as it was started: drop {flags}")
+        target = _resumed_sweep(resume, recipe)
+    elif recipe is None:
+        raise UserError("finetune sweep: give a RECIPE, or --resume SWEEP_DIR")
+    else:
+        from finetune.recipe import apply_overrides, read_recipe_dict
+        from finetune.sweep_space import build_spec
+
+        base = apply_overrides(read_recipe_dict(recipe), set_ or [])
+        spec = build_spec(base, grid or [], search or [], trials, source=str(recipe))
+        from finetune.sweep import create_sweep  # imports torch: after the checks
+
+        target = create_sweep(base, spec, sweep_dir=sweep_dir, storage=storage, study=study)
+    from finetune.sweep import run_sweep
+    from finetune.sweep_results import print_results
+
+    try:
+        rows = run_sweep(target, console=console, resuming=resume is not None)
+    except (KeyboardInterrupt, Interrupted):
+        errors.print(f"continue with `finetune sweep --resume {target.folder}`", markup=False)
+        raise
+    keys = [axis.key for axis in target.spec.axes]
+    print_results(rows, console, keys=keys, title=f"{target.study}: {len(rows)} trials")
+    console.print(str(target.folder), markup=False)
+
+
+def _resumed_sweep(resume: str, recipe: Path | None):
+    from finetune.sweep import find_sweep, read_sweep
+
+    allowed = _load_recipe(recipe, None) if recipe is not None else None
+    return read_sweep(find_sweep(resume, allowed), allowed=allowed)
 
 
 def with_resume_value(argv: list[str]) -> list[str]:

@@ -89,7 +89,7 @@ class Split(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for step in range(len(self)):
             try:
-                image, label = self.source[self.indices[(index + step) % len(self)]]
+                image, label = self.read((index + step) % len(self))
             except BadImageError as error:
                 if self.on_bad_image == "error":
                     raise BadImageError(
@@ -102,6 +102,11 @@ class Split(Dataset):
             return self._transformed(image, index), label
         origin = getattr(self.source, "origin", "the data")
         raise UserError(f"{origin}: none of the {len(self)} images of this split can be read")
+
+    def read(self, position: int) -> tuple[Any, int]:
+        """The untransformed image and label at ``position`` in the split (a subclass may read
+        them elsewhere: ``finetune.image_cache.CachedSplit``)."""
+        return self.source[self.indices[position]]
 
     def __getitems__(self, indices: list[int]) -> Samples:
         """A batch's samples (``DataLoader`` calls this); the first key's ``rng_seed(1)`` seeds
@@ -159,7 +164,8 @@ def build_datasets(
 
     Args:
         data: the recipe's ``data`` section.
-        seed: for ``val_split``'s stratified choice.
+        seed: the recipe's: for ``val_split``'s stratified choice, and the seed of a source
+            that gives none of its own.
         pretrained_cfg: the backbone's pretrained config (``mean``, ``std``) for ``auto``.
         num_classes: ``model.num_classes`` when given: the data must have that many classes.
 
@@ -170,13 +176,13 @@ def build_datasets(
     """
     size = data.image_size
     train_source = open_source(
-        data.train, key="data.train", image_size=size, num_classes=num_classes
+        data.train, key="data.train", image_size=size, seed=seed, num_classes=num_classes
     )
     classes = list(train_source.classes)
     _check_classes(classes, num_classes, _where("data.train", train_source))
     if data.val is not None:
         val_source = open_source(
-            data.val, key="data.val", image_size=size, num_classes=len(classes)
+            data.val, key="data.val", image_size=size, seed=seed, num_classes=len(classes)
         )
         _check_same_classes(
             classes,
@@ -212,7 +218,7 @@ def build_datasets(
     test = None
     if data.test is not None:
         test_source = open_source(
-            data.test, key="data.test", image_size=size, num_classes=len(classes)
+            data.test, key="data.test", image_size=size, seed=seed, num_classes=len(classes)
         )
         _check_same_classes(
             classes,

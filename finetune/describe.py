@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune.build import Built
+from finetune.image_cache import describe_cache
 from finetune.lr_preview import plot_lr_schedule, preview_lrs
 from finetune.optim import UNFREEZE_PREFIX
 from finetune.run_folder import RunFolder
@@ -95,6 +96,9 @@ def plan_to_dict(built: Built) -> dict[str, Any]:
             }
             for stage in built.unfreeze
         ],
+        "feature_cache": built.features.plan.to_dict(recipe.train.epochs)
+        if built.features is not None
+        else None,
         "lr_scale": built.lr_scale,
         "schedule": {
             "name": recipe.scheduler.name,
@@ -172,12 +176,12 @@ def print_load_report(report: LoadReport, console: Console) -> None:
         console.print(f"note: {escape(note)}")
     if report.warning:
         console.print(f"[bold red]WARNING: {escape(report.warning)}[/]")
+    elif report.suggestion:
+        console.print(f"hint: {escape(report.suggestion)}")
 
 
 def print_plan(built: Built, console: Console) -> None:
     """Load report, parameter groups, frozen/trainable totals, BatchNorm policy, unfreezing,
-    elif report.suggestion:
-        console.print(f"hint: {escape(report.suggestion)}")
     and the LR schedule of each group."""
     info = plan_to_dict(built)
     head = info["model"]["head"]
@@ -226,6 +230,10 @@ def print_plan(built: Built, console: Console) -> None:
                 stage["groups"],
             )
         )
+    console.print(escape(describe_cache(built.recipe.data)), highlight=False)
+    if built.features is not None:
+        features = built.features.plan.describe(built.recipe.train.epochs)
+        console.print(escape(features), highlight=False)
     console.print(_schedule_table(info))
 
 
@@ -285,6 +293,8 @@ def describe_run(built: Built, folder: RunFolder, console: Console) -> None:
         f"process(es), effective batch {built.effective_batch_size})",
         highlight=False,
     )
+    if built.recipe.data.cache != "none":
+        console.print(escape(describe_cache(built.recipe.data, datasets)), highlight=False)
 
 
 def plot_curves(folder: RunFolder) -> None:
@@ -306,7 +316,9 @@ def plot_curves(folder: RunFolder) -> None:
             axes[1].plot(epochs, [row[key] for row in rows], marker="o", label=key)
     for key in (k for k in rows[0] if k.startswith("lr/")):
         axes[2].plot(epochs, [row[key] for row in rows], marker="o", label=key)
-    for axis, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)"), strict=True):
+    for axis, title in zip(
+        axes, ("loss", "accuracy", "learning rate (each epoch's last step)"), strict=True
+    ):
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.legend(fontsize=7)

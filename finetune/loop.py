@@ -24,6 +24,7 @@ from finetune.augment import hard_labels
 from finetune.config.train import CheckpointEvery
 from finetune.data import skipped_images
 from finetune.errors import Interrupted, TrainingDiverged
+from finetune.feature_cache import EpochInputs, FeatureCache
 from finetune.freezing import UnfreezeStage, unfreeze_due
 from finetune.observers import Observer, StopRun
 from finetune.progress import EpochProgress
@@ -177,8 +178,10 @@ def train_one_epoch(
     pause: Callable[[int], bool] | None = None,
     observers: Sequence[Observer] = (),
 ) -> dict[str, float] | None:
-    """Train over ``loader`` to the end of the epoch; returns train loss, accuracy and images
-    per second, or ``None`` when ``pause(step)`` asked to stop after an optimizer step.
+    """Train over ``loader`` to the end of the epoch; returns train loss, accuracy, images
+    per second and the learning rates the epoch's last optimizer step used (``lr``, and
+    ``lr/<group>`` for each group), or ``None`` when ``pause(step)`` asked to stop after an
+    optimizer step.
 
     Args:
         position: where in the epoch ``loader`` starts (after a pause or a resume); it is
@@ -201,6 +204,7 @@ def train_one_epoch(
         [position.loss_sum, position.correct], dtype=torch.float64, device=runtime.device
     )
     seen, start = position.images, time.perf_counter() - position.seconds
+    lrs = group_lrs(optimizer)
     for index, (images, labels) in enumerate(loader, start=position.step * accum):
         images, labels = runtime.to_device(images, labels)
         window_start = index - index % accum
@@ -225,6 +229,8 @@ def train_one_epoch(
             # A checkpoint follows this step (a pause, or the end of the epoch): its gradient
             # norm must be finite too, or the checkpoint would hold the blown-up weights.
             pausing = pause is not None and pause(position.step + 1) and not last
+            if last:  # the row's lr: what the epoch's last step used, whatever the schedule
+                lrs = group_lrs(optimizer)
             grad_norm = runtime.step(optimizer, model, options.clip_grad_norm, norm=pausing or last)
             schedule.step_update()
             position.step += 1
@@ -248,6 +254,15 @@ def train_one_epoch(
         "train/top1": correct / seen,
         "img_per_s": seen / position.seconds,
         "seconds": position.seconds,
+        "lr": next(iter(lrs.values())),
+        **{f"lr/{name}": lr for name, lr in lrs.items()},
+    }
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each parameter group's learning rate, by group name."""
+    return {
+        group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)
     }
 
 
@@ -277,6 +292,7 @@ def fit(
     unfreeze: Sequence[UnfreezeStage] = (),
     stop: StopRequest | None = None,
     observers: Sequence[Observer] = (),
+    features: FeatureCache | None = None,
 ) -> LoopState:
     """Train from where ``state`` stands to ``options.epochs``, evaluating after every epoch
     and, given a run folder, checkpointing at every epoch end and as ``checkpoint_every`` says.
@@ -289,6 +305,8 @@ def fit(
         observers: called at every epoch start, optimizer step and epoch end
             (``finetune.observers``); one raising ``StopRun`` ends the fit after that epoch,
             with ``state.stopped`` set to its status.
+        features: the feature cache (``finetune.feature_cache``): on the epochs it serves, the
+            head trains and is evaluated on features computed once, in place inside ``model``.
 
     Raises:
         TrainingDiverged: a non-finite loss or gradient norm; nothing after the last good
@@ -301,15 +319,17 @@ def fit(
     epochs = options.epochs
     for epoch in range(state.epoch + 1, epochs + 1):
         unfreeze_due(runtime.unwrap(model), unfreeze, epoch)
-        batches = _start_epoch(train_loader, epoch, state.position, options.grad_accum_steps)
+        cached = features.inputs(epoch) if features is not None else None
+        inputs = cached or EpochInputs(model, train_loader, val_loader)
+        batches = _start_epoch(inputs.train_loader, epoch, state.position, options.grad_accum_steps)
         progress.start_epoch(epoch, epochs, batches)
         for observer in observers:
-            observer.start_epoch(epoch, epochs, batches // options.grad_accum_steps)
-        loader = iter(train_loader)
+            observer.start_epoch(epoch, epochs, -(-batches // options.grad_accum_steps))
+        loader = iter(inputs.train_loader)
         try:
             while (
                 train_metrics := train_one_epoch(
-                    model,
+                    inputs.model,
                     loader,
                     optimizer,
                     schedule,
@@ -339,6 +359,7 @@ def fit(
             state,
             run,
             train_metrics,
+            inputs,
         )
         progress.end_epoch(state.history[-1])
         if stop.signum is not None:  # the signal came during the evaluation or the save
@@ -390,10 +411,11 @@ def _end_epoch(
     state: LoopState,
     run: RunFolder | None,
     train_metrics: dict[str, float],
+    inputs: EpochInputs,
 ) -> None:
-    """Evaluate, step the schedule, record the metrics row and commit the epoch's checkpoint."""
-    lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
-    val_metrics = evaluate(model, val_loader, runtime, options.num_classes)
+    """Evaluate (``inputs``: the model, or the head on cached features), step the schedule,
+    record the metrics row and commit the epoch's checkpoint (of the whole ``model``)."""
+    val_metrics = evaluate(inputs.model, inputs.val_loader, runtime, options.num_classes)
     schedule.step_epoch({**train_metrics, **val_metrics})
     epoch = state.epoch + 1
     state.epoch, state.position = epoch, EpochPosition()
@@ -409,8 +431,6 @@ def _end_epoch(
             **train_metrics,
             **val_metrics,
             **skipped_images(train=train_loader, val=val_loader),
-            "lr": next(iter(lrs.values())),
-            **{f"lr/{k}": v for k, v in lrs.items()},
         }
     )
     _save(run, model, optimizer, schedule, runtime, state, best=improved)

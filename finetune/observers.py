@@ -31,7 +31,8 @@ class Observer:
     """
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        """Epoch ``epoch`` of ``epochs`` starts; ``steps`` optimizer steps remain in it."""
+        """Epoch ``epoch`` of ``epochs`` starts (or, after a mid-epoch resume, continues); it
+        has ``steps`` optimizer steps in all (a shorter last accumulation window is one)."""
 
     def after_step(self, step: int, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Optimizer step ``step`` of the epoch was taken; ``loss`` is its last batch's loss (a

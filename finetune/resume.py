@@ -34,6 +34,7 @@ CHANGEABLE = (
     "train.device",
     "train.checkpoint_every",
     "train.clip_grad_norm",
+    "train.cache_features",  # the same rows with or without it
     "optimizer.lr",
     "optimizer.weight_decay",
     "data.num_workers",
@@ -41,7 +42,9 @@ CHANGEABLE = (
     "data.prefetch_factor",
     "data.eval_batch_size",
     "data.verify",
+    "data.cache_max_ram_fraction",
     "output.dir",
+    "output.tensorboard",
     "export",
 )
 SCHEDULE_KEYS = {"train.epochs", "optimizer.lr", "optimizer.weight_decay"}

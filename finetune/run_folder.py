@@ -5,7 +5,8 @@ Layout (a contract scripts rely on)::
     checkpoints/<name>/<timestamp>/
       recipe.yaml  metrics.jsonl  summary.json  classes.json  normalization.json
       load_report.json
-      ckpt/e0003-s000000/   one checkpoint: model.safetensors, state.safetensors, state.json
+      ckpt/e0003-s000000/   one checkpoint: model.safetensors, state.safetensors, state.json,
+                            and frozen.safetensors when some parameters do not train
       last -> ckpt/...      the newest checkpoint (what --resume continues from)
       best -> ckpt/...      the checkpoint of the best epoch
       model.safetensors     -> best/model.safetensors: "the run's model", for `pretrained:` paths
@@ -20,6 +21,15 @@ previous checkpoint whole and the links pointing at complete folders; ``recover`
 interrupted save left, and rewrites ``metrics.jsonl`` from the checkpoint, which carries every
 row up to its position. Other files are written to a temporary name and renamed into place.
 Nothing in a checkpoint is a pickle: tensors are safetensors, the rest JSON.
+
+A checkpoint writes what changed. Parameters that do not train (``requires_grad`` off) go to
+``frozen.safetensors``, written once and hard-linked into each later checkpoint while its values
+are bit-identical to theirs; ``model.safetensors`` holds the rest (the trained parameters and
+every buffer) and records the frozen file's name and checksum, and finetune's readers
+(``read_model_safetensors``) merge the two. A hard link makes every checkpoint folder whole on
+its own: pruning the checkpoint that first wrote the file leaves the data to the others. When
+some of those values change (a stage unfrozen), that checkpoint writes a new frozen file with
+the tensors still unchanged, and the changed ones go to its ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -35,13 +45,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from finetune.errors import UserError
 from finetune.state_files import read_state, write_state
-from finetune.weights import read_safetensors, write_safetensors
+from finetune.weights import (
+    CHECKSUM_KEY,
+    FROZEN_CHECKSUM_KEY,
+    FROZEN_FILE_KEY,
+    read_model_safetensors,
+    write_safetensors,
+)
 
 WEIGHTS_FILE = "model.safetensors"
+FROZEN_FILE = "frozen.safetensors"  # a checkpoint's parameters that do not train (hard-linked)
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 CHECKPOINTS = "ckpt"
 STAGING = ".staging-"  # prefix of a checkpoint being written
@@ -219,6 +237,12 @@ class RunFolder:
         """Where ``finetune export`` writes by default."""
         return self.path / "export"
 
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files (``output.tensorboard``): ``tensorboard --logdir
+        checkpoints`` lists every run by its folder."""
+        return self.path / "tensorboard"
+
     def weights(self, tag: str = "best") -> Path:
         return self.path / tag / WEIGHTS_FILE
 
@@ -291,19 +315,50 @@ class RunFolder:
         self._prune()
         return name
 
-    @staticmethod
-    def _write_checkpoint(folder: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
+    def _write_checkpoint(
+        self, folder: Path, model: torch.nn.Module, state: dict[str, Any]
+    ) -> None:
         folder.chmod(0o777 & ~_umask())  # mkdtemp makes folders private (0700)
-        position = {"epoch": str(state["epoch"]), "step": str(state["step"])}
-        write_safetensors(model.state_dict(), folder / WEIGHTS_FILE, metadata=position)
+        tensors = model.state_dict()
+        metadata = {"epoch": str(state["epoch"]), "step": str(state["step"])}
+        frozen = self._share_frozen(folder, tensors, _not_training(model))
+        if frozen:
+            metadata[FROZEN_FILE_KEY] = FROZEN_FILE
+            metadata[FROZEN_CHECKSUM_KEY] = _recorded_checksum(folder / FROZEN_FILE)
+        trained = {key: value for key, value in tensors.items() if key not in frozen}
+        write_safetensors(trained, folder / WEIGHTS_FILE, metadata=metadata)
         written = [
             folder / WEIGHTS_FILE,
             *write_state(folder, state, tensors_file=STATE_TENSORS, json_file=STATE_JSON),
         ]
-        for path in written:
-            path.chmod(0o666 & ~_umask())
-            _fsync(path)
+        _publish(written)
         _fsync(folder)
+
+    def _share_frozen(
+        self, folder: Path, tensors: dict[str, torch.Tensor], candidates: set[str]
+    ) -> set[str]:
+        """Put the tensors that do not train in ``folder``'s frozen file; return their keys.
+
+        While the ``last`` checkpoint's frozen file holds exactly these values, bit for bit, the
+        file is hard-linked, not written. Otherwise a new one is written: at the first
+        checkpoint with every parameter that does not train, later with those of the previous
+        file that still have the same value and still do not train (a tensor that changed is
+        never taken from it).
+        """
+        previous = self.path / "last" / FROZEN_FILE
+        same, stored = _unchanged(tensors, previous) if previous.is_file() else (candidates, set())
+        keys = same & candidates
+        target = folder / FROZEN_FILE
+        if keys and keys == stored:
+            try:
+                os.link(previous.resolve(), target)
+                return keys
+            except OSError:  # a file system without hard links: write the file instead
+                pass
+        if keys:
+            write_safetensors({key: tensors[key] for key in keys}, target)
+            _publish([target])
+        return keys
 
     def _prune(self) -> None:
         """Remove checkpoints that neither ``last`` nor ``best`` points at, and staging folders
@@ -366,7 +421,7 @@ class RunFolder:
         if not _is_complete(folder):
             raise UserError(f"{folder}: no complete checkpoint here")
         state = self.read_checkpoint_state(folder)
-        tensors, metadata = read_safetensors(folder / WEIGHTS_FILE)  # checksum verified
+        tensors, metadata = read_model_safetensors(folder / WEIGHTS_FILE)  # checksums verified
         position = {key: metadata.get(key) for key in ("epoch", "step")}
         if position != {"epoch": str(state.get("epoch")), "step": str(state.get("step"))}:
             raise UserError(
@@ -374,6 +429,59 @@ class RunFolder:
                 f"{state.get('epoch')}, step {state.get('step')}) disagree"
             )
         return tensors, state
+
+
+def _publish(paths: list[Path]) -> None:
+    """Give new files the umask's permissions and flush them to the disk."""
+    for path in paths:
+        path.chmod(0o666 & ~_umask())
+        _fsync(path)
+
+
+def _not_training(model: torch.nn.Module) -> set[str]:
+    """The state-dict keys of the parameters that get no gradient (tied names included)."""
+    return {
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if not param.requires_grad
+    }
+
+
+def _unchanged(tensors: dict[str, torch.Tensor], path: Path) -> tuple[set[str], set[str]]:
+    """(the keys of ``path``'s tensors that ``tensors`` holds with the same dtype, shape and
+    bytes, all its keys). A file that cannot be read holds nothing: a new one is written."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt", device="cpu") as handle:
+            stored = set(handle.keys())
+            same = {
+                key
+                for key in stored
+                if key in tensors and _same_bytes(tensors[key], handle.get_tensor(key))
+            }
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return set(), set()
+    return same, stored
+
+
+def _same_bytes(tensor: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Bit-identical: compared as integers of the element's width, since comparing values
+    would take -0.0 for 0.0 and a NaN for a change. numpy compares a resnet18 in 20 ms where
+    ``torch.equal`` takes 0.4 s on a busy 2-core machine."""
+    if tensor.dtype != stored.dtype or tensor.shape != stored.shape:
+        return False
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(tensor.element_size(), torch.int64)
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(bits)
+    return np.array_equal(flat.numpy(), stored.contiguous().reshape(-1).view(bits).numpy())
+
+
+def _recorded_checksum(path: Path) -> str:
+    """The checksum ``write_safetensors`` recorded in ``path`` (its header only is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt", device="cpu") as handle:
+        return (handle.metadata() or {})[CHECKSUM_KEY]
 
 
 def _is_complete(folder: Path) -> bool:

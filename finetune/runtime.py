@@ -8,8 +8,11 @@ run changes what this object holds, not the loop.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import random
+import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +50,38 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def resolve_compile(compile: bool | str, device: torch.device) -> bool:
+    """``auto``: compile on CUDA, where the toolchain is there (on a CPU, inductor's C++ build
+    takes minutes for what it saves). ``true`` where ``torch.compile`` cannot work is an error
+    now, rather than at the first step of a run whose folder already exists."""
+    if compile == "auto":
+        return device.type == "cuda" and compile_unavailable(device) is None
+    reason = compile_unavailable(device) if compile else None
+    if reason is not None:
+        raise UserError(f"train.compile: torch.compile cannot work here: {reason}; set it to false")
+    return bool(compile)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` with its default backend (inductor) cannot run on ``device``, or
+    ``None``: TorchDynamo must support this Python, and inductor needs Triton for a GPU and a C++
+    compiler (``$CXX``, else g++; clang++ on macOS) for the CPU."""
+    import torch._dynamo  # a second or two to import: only when compiling
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"TorchDynamo does not support Python {sys.version.split()[0]} on {sys.platform}"
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "inductor needs Triton on CUDA (pip install triton)"
+        if torch.cuda.get_device_capability(device) < (7, 0):
+            return f"Triton needs a GPU of compute capability 7.0 or newer ({device})"
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(compiler) is None:
+            return f"inductor needs a C++ compiler on the CPU, and {compiler} was not found ($CXX)"
+    return None
 
 
 @dataclass
@@ -101,22 +136,35 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def prepare(self, model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
-        """Move the model to the device; with several processes, wrap it in DDP."""
+    def prepare(
+        self, model: nn.Module, sync_batchnorm: bool = False, compile: bool = False
+    ) -> nn.Module:
+        """Move the model to the device; with several processes, wrap it in DDP; with
+        ``compile`` (``resolve_compile``), compile it for training.
+
+        ``model.compile()`` compiles in place: the module returned is still the user's (or the
+        DDP wrapper around it), so ``state_dict`` keys never carry ``_orig_mod.``. Under DDP the
+        wrapper is compiled, as PyTorch recommends: TorchDynamo then splits the graph at DDP's
+        gradient buckets so that their all-reduce overlaps the backward pass.
+        """
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         model = model.to(self.device, memory_format=memory_format)
-        if not self.distributed:
-            return model
-        if sync_batchnorm:
-            if self.device.type != "cuda":
-                raise UserError("train.sync_batchnorm: SyncBatchNorm needs CUDA devices")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if self.distributed:
+            if sync_batchnorm:
+                if self.device.type != "cuda":
+                    raise UserError("train.sync_batchnorm: SyncBatchNorm needs CUDA devices")
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if compile:
+            model.compile()  # inductor builds the graphs at the first training (and eval) step
+        return model
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
-        """The user's model inside DDP (its state_dict keys carry no ``module.`` prefix)."""
+        """The user's model inside DDP, and inside the wrapper ``torch.compile(model)`` returns
+        (a Python API user's): its state_dict keys carry no ``module.`` or ``_orig_mod.``."""
+        model = getattr(model, "_orig_mod", model)
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def no_sync(self, model: nn.Module, accumulating: bool) -> contextlib.AbstractContextManager:

@@ -412,12 +412,21 @@ SOURCE_KINDS: dict[type, SourceKind] = {
 
 
 def open_source(
-    source: DataSource, *, key: str, image_size: int, num_classes: int | None = None
+    source: DataSource,
+    *,
+    key: str,
+    image_size: int,
+    seed: int = 0,
+    num_classes: int | None = None,
 ) -> ImageSource:
     """The dataset a recipe's ``data.train`` / ``data.val`` names (``key`` is that name).
 
-    ``num_classes`` bounds integer labels of manifests (``model.num_classes`` when given).
+    ``seed``: the recipe's, for a source whose own ``seed`` (which images ``digits`` keeps,
+    which ``fake`` images it makes) is left out. ``num_classes`` bounds integer labels of
+    manifests (``model.num_classes`` when given).
     """
+    if getattr(source, "seed", 0) is None:
+        source = source.model_copy(update={"seed": seed})
     return SOURCE_KINDS[type(source)].open(source, key, image_size, num_classes)
 
 

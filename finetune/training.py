@@ -29,6 +29,7 @@ from finetune.progress import EpochProgress
 from finetune.recipe import Recipe, check_imports
 from finetune.resume import changes_on_resume, restore
 from finetune.run_folder import RunFolder, claim_run_dir, latest_run
+from finetune.tensorboard_log import require_tensorboard, tensorboard_log
 from finetune.weights import load_weights
 
 REPEAT_SECONDS = 2.0  # a second signal sooner than this repeats the first request
@@ -57,6 +58,8 @@ def run(
             ``StopRun``, whose status ``summary.json`` then records.
     """
     console = console or Console()
+    if recipe.output.tensorboard:
+        require_tensorboard()  # before anything is built or written
     changed: set[str] = set()
     if resume:  # refuse what cannot change before anything is built
         saved = Recipe.load(RunFolder(Path(resume)).recipe_file, check_paths=False)
@@ -71,6 +74,7 @@ def run(
     if runtime.is_main:
         _start_folder(folder, built, link=not resume and run_dir is None)
         describe_run(built, folder, console)
+    board = tensorboard_log(built, folder, state, enabled=recipe.output.tensorboard)  # rank 0
     stop, status, test_metrics = StopRequest(), "interrupted", None
     try:
         with _stop_on_signals(stop):
@@ -87,7 +91,8 @@ def run(
                 progress=EpochProgress(enabled=runtime.is_main, console=console),
                 unfreeze=built.unfreeze,
                 stop=stop,
-                observers=observers,
+                observers=[board, *observers] if board is not None else observers,
+                features=built.features,
             )
             test_metrics = evaluate_test_split(built, folder)
         status = state.stopped or "completed"
@@ -107,6 +112,8 @@ def run(
         if runtime.is_main and folder.path.exists():
             folder.write_summary(summary)
             plot_curves(folder)
+        if board is not None:
+            board.close()
     runtime.barrier()
     runtime.shutdown()  # leave the process group torchrun's job set up
     return RunResult(folder.path, summary)

@@ -43,6 +43,9 @@ LISTED = 20  # keys listed in an error; the rest are counted
 SAFE_GLOBALS = [argparse.Namespace]
 # The safetensors metadata key holding the checksum ``write_safetensors`` records.
 CHECKSUM_KEY = "finetune_sha256"
+# The metadata keys of a run-folder checkpoint's model.safetensors whose unchanged (frozen)
+# tensors are in a second file beside it: that file's name, and the checksum recorded in it.
+FROZEN_FILE_KEY, FROZEN_CHECKSUM_KEY = "finetune_frozen_file", "finetune_frozen_sha256"
 
 
 def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -81,7 +84,40 @@ def read_checkpoint(
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    return read_safetensors(path)[0]
+    return read_model_safetensors(path)[0]
+
+
+def read_model_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``read_safetensors``, plus the frozen tensors a run-folder checkpoint keeps beside it.
+
+    A checkpoint's ``model.safetensors`` holds the tensors that changed; when its metadata names
+    a frozen file (``frozen.safetensors``, in the folder the file really is in, links followed),
+    that file's tensors complete it. The pair must be the one written together: the frozen
+    file's checksum is recorded in the model file.
+
+    Raises:
+        UserError: naming the files, when the frozen file is missing or not the one recorded.
+    """
+    path = Path(path)
+    tensors, metadata = read_safetensors(path)
+    name = metadata.get(FROZEN_FILE_KEY)
+    if name is None:
+        return tensors, metadata
+    if Path(name).name != name:  # a file beside it, never a path to elsewhere
+        raise UserError(f"{path}: names {name!r} as its frozen file: not a file name")
+    frozen_path = path.resolve().parent / name
+    if not frozen_path.is_file():
+        raise UserError(
+            f"{path}: its frozen tensors are in {name} beside it ({frozen_path}), which is "
+            "missing: copy checkpoint folders whole"
+        )
+    frozen, frozen_metadata = read_safetensors(frozen_path)
+    if frozen_metadata.get(CHECKSUM_KEY) != metadata.get(FROZEN_CHECKSUM_KEY):
+        raise UserError(
+            f"{frozen_path}: not the frozen tensors {path} was written with (their checksums "
+            "differ); use the checkpoint folder as it was written"
+        )
+    return {**frozen, **tensors}, metadata  # a tensor in both: the checkpoint's own wins
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -145,10 +181,25 @@ def write_safetensors(
 
     if metadata and CHECKSUM_KEY in metadata:
         raise ValueError(f"metadata key {CHECKSUM_KEY!r} is reserved for the checksum")
-    plain = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    plain = _unshared(
+        {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    )
     entries = dict(metadata or {})
     entries[CHECKSUM_KEY] = tensors_checksum(plain, entries)
     save_file(plain, str(path), metadata=entries)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor with memory of its own: safetensors refuses tensors that share storage, as
+    the parameters of a module used in several places do (CoaT's position encodings). Every
+    name keeps its values, and loading puts them back into the one shared parameter."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        result[name] = tensor.clone() if storage in seen and tensor.numel() else tensor
+        seen.add(storage)
+    return result
 
 
 def _read_torch(path: Path) -> object:

@@ -118,3 +118,29 @@ def run_cli(
         timeout=timeout,
         env=env,
     )
+
+
+def cli(*args: str) -> str:
+    """Run the real command line in this process (no interpreter start-up); its stdout."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def run_on_image_folder(root: Path, classes: list[str]) -> tuple[Path, Path]:
+    """``finetune run`` of test_resnet for one epoch on a small image folder made under
+    ``root`` (train and val alike); the run folder and the image folder."""
+    images = make_image_folder(root / "images", classes, per_class=4)
+    recipe = tiny_recipe(
+        data={
+            "train": {"type": "imagefolder", "root": str(images)},
+            "val": {"type": "imagefolder", "root": str(images)},
+        },
+        train={"epochs": 1, "device": "cpu"},
+    )
+    cli("run", str(write_recipe(root / "r.yaml", recipe)), "--run-dir", str(root / "run"))
+    return root / "run", images

@@ -9,7 +9,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 import finetune
@@ -22,6 +21,7 @@ from finetune.model import build_model
 from finetune.optim import create_optimizer, param_groups
 from finetune.recipe import Recipe
 from finetune.schedule import build_scheduler
+from finetune.weights import read_state_dict
 from tests.conftest import tiny_recipe
 
 
@@ -305,7 +305,7 @@ def trained(tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path]:
 
 def test_frozen_parameters_and_batchnorm_statistics_are_bit_identical_after_training(trained):
     initial, run_dir = trained
-    final = load_file(run_dir / "last" / "model.safetensors")
+    final = read_state_dict(run_dir / "last" / "model.safetensors")
     never_trained = [k for k in initial if k.startswith(("conv1.", "bn1.", "layer1."))]
     assert never_trained
     for key in never_trained:
@@ -346,7 +346,7 @@ def test_a_resume_across_the_unfreeze_epoch_is_bit_identical(
     monkeypatch.undo()
     resumed = _run(tmp_path, "ignored", resume=tmp_path / "interrupted")
     assert resumed == tmp_path / "interrupted"
-    expected = load_file(straight / "last" / "model.safetensors")
-    actual = load_file(resumed / "last" / "model.safetensors")
+    expected = read_state_dict(straight / "last" / "model.safetensors")
+    actual = read_state_dict(resumed / "last" / "model.safetensors")
     for key in expected:
         assert torch.equal(actual[key], expected[key]), key

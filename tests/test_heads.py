@@ -52,7 +52,9 @@ def test_mlp_head_on_every_backbone(backbone):
     )
     size = SIZES[backbone]
     assert built.model(torch.randn(2, 3, size, size)).shape == (2, 4)
-    names = [n for n, _ in built.model.named_parameters() if n.startswith(built.head_names[0] + ".")]
+    names = [
+        n for n, _ in built.model.named_parameters() if n.startswith(built.head_names[0] + ".")
+    ]
     assert f"{built.head_names[0]}.0.weight" in names  # head parameters sit under the old name
 
 

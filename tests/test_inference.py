@@ -12,35 +12,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import v2
-from typer.testing import CliRunner
 
-from finetune.cli import app
-from tests.conftest import make_image_folder, tiny_recipe, write_recipe
+from tests.conftest import cli, run_on_image_folder
 
 CLASSES = ["cat", "dog", "fox"]
-
-
-def cli(*args: str) -> str:
-    """Run the real command line in this process (no interpreter start-up); its stdout."""
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A run of test_resnet trained one epoch on a small image folder, and that folder."""
-    root = tmp_path_factory.mktemp("inference")
-    images = make_image_folder(root / "images", CLASSES, per_class=4)
-    recipe = tiny_recipe(
-        data={
-            "train": {"type": "imagefolder", "root": str(images)},
-            "val": {"type": "imagefolder", "root": str(images)},
-        },
-        train={"epochs": 1, "device": "cpu"},
-    )
-    cli("run", str(write_recipe(root / "r.yaml", recipe)), "--run-dir", str(root / "run"))
-    return root / "run", images
+    return run_on_image_folder(tmp_path_factory.mktemp("inference"), CLASSES)
 
 
 def direct_logits(run_dir: Path, paths: list[Path]) -> torch.Tensor:

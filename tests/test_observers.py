@@ -37,7 +37,9 @@ def _recipe(tmp_path, epochs: int) -> Recipe:
 def test_observer_sees_each_epoch_step_and_row_in_order(tmp_path):
     recorder = Recorder()
     result = run(_recipe(tmp_path, 2), run_dir=tmp_path / "run", observers=[recorder])
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     steps = [("step", n) for n in (1, 2, 3)]
     assert recorder.events == [
         ("start", 1, 2, 3),

@@ -43,8 +43,10 @@ from finetune.data import (
 from finetune.data import class_weights as weigh_classes
 from finetune.errors import UserError
 from finetune.export import export_run
+from finetune.feature_cache import FeatureCache, plan_cache
 from finetune.freezing import freeze
 from finetune.heads import HEADS, build_head, head_options, linear_head, mlp_head
+from finetune.image_cache import cache_images
 from finetune.loop import FitOptions
 from finetune.model import build_model
 from finetune.optim import (
@@ -56,10 +58,11 @@ from finetune.optim import (
 )
 from finetune.recipe import Recipe, apply_overrides, recipe_keys
 from finetune.run_folder import claim_run_dir, latest_run
-from finetune.runtime import Runtime
+from finetune.runtime import Runtime, resolve_compile
 from finetune.schedule import build_scheduler, schedule_span
 from finetune.sources import SOURCE_KINDS, manifest, open_source
 from finetune.stats import resolve_normalization
+from finetune.tensorboard_log import tensorboard_log
 from finetune.verify import verify_images
 from finetune.weights import load_partial
 from tests.conftest import REPO, make_image_folder, tiny_recipe, write_recipe
@@ -325,6 +328,8 @@ MANY_FACTORIES = {
             "augment": [(build_transforms, "data.augment"), (build_batch_transform, "augment")],
             "eval_transforms": [(build_transforms, "data.eval_transforms")],
             "normalize": [(resolve_normalization, "data.normalize")],
+            "cache": [(cache_images, "data.cache")],
+            "cache_max_ram_fraction": [(cache_images, "data.cache_max_ram_fraction")],
         },
     ),
     "train": (
@@ -334,6 +339,7 @@ MANY_FACTORIES = {
             "device": [(Runtime.create, "device")],
             "precision": [(Runtime.create, "precision")],
             "channels_last": [(Runtime.create, "channels_last")],
+            "compile": [(resolve_compile, "compile")],
             "grad_accum_steps": [
                 (FitOptions, "grad_accum_steps"),
                 (lr_scale_factor, "grad_accum_steps"),
@@ -343,6 +349,8 @@ MANY_FACTORIES = {
             "label_smoothing": [(FitOptions, "label_smoothing")],
             "sync_batchnorm": [(Runtime.prepare, "sync_batchnorm")],
             "checkpoint_every": [(FitOptions, "checkpoint_every")],
+            "cache_features": [(plan_cache, "cache_features")],
+            "cache_features_memory_gb": [(FeatureCache, "memory_limit_gb")],
         },
     ),
     "output": (
@@ -350,6 +358,7 @@ MANY_FACTORIES = {
         {
             "dir": [(claim_run_dir, "output_dir"), (latest_run, "output_dir")],
             "save_best": [(FitOptions, "save_best")],
+            "tensorboard": [(tensorboard_log, "enabled")],
         },
     ),
     # The opener passes keywords (the other sources' openers take the section: see below).
@@ -493,8 +502,9 @@ def source_of(cls: type[Section], tmp_path: Path) -> Section:
         TorchvisionSource: lambda: TorchvisionSource(
             type="torchvision", name="MNIST", root=tmp_path
         ),
-        DigitsSource: lambda: DigitsSource(type="digits", per_class=1),
-        FakeSource: lambda: FakeSource(type="fake", num_samples=2),
+        # A seed left out is the recipe's, filled in by open_source before the opener runs.
+        DigitsSource: lambda: DigitsSource(type="digits", per_class=1, seed=0),
+        FakeSource: lambda: FakeSource(type="fake", num_samples=2, seed=0),
     }[cls]()
 
 

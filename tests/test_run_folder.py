@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import finetune
 import finetune.run_folder as run_folder
 from finetune.errors import UserError
+from finetune.export import export_run
+from finetune.freezing import unfreeze_due
+from finetune.recipe import Recipe
 from finetune.run_folder import (
     RunFolder,
     atomic_write_text,
@@ -22,6 +26,8 @@ from finetune.run_folder import (
     weights_file,
     write_json,
 )
+from finetune.weights import read_state_dict, write_safetensors
+from tests.conftest import tiny_recipe
 
 
 def _weights(path: Path, epoch: int = 1) -> Path:
@@ -289,3 +295,151 @@ def test_a_damaged_checkpoint_is_a_user_error_naming_the_file(tmp_path, damage):
         run.load_checkpoint("last")
     assert str(run.path / "last") in str(caught.value)
     assert "weights_only" not in str(caught.value)
+
+
+# ----------------------------------------------------------------------- frozen tensors shared
+def _head_only() -> torch.nn.Module:
+    model = _model()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("fc."))
+    return model
+
+
+def _train_head(model: torch.nn.Module) -> None:
+    """What an epoch changes: the head, and BatchNorm statistics (buffers)."""
+    with torch.no_grad():
+        model.fc.weight.add_(0.1)
+    model.train()(torch.randn(2, 3, 32, 32))
+
+
+def _assert_whole(tensors: dict, model: torch.nn.Module) -> None:
+    expected = model.state_dict()
+    assert tensors.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(tensors[key], value), key
+
+
+def test_frozen_parameters_are_written_once_and_hard_linked(tmp_path):
+    model, run = _head_only(), _started(tmp_path / "run")
+    first = run.commit_checkpoint(model, _state(1), best=True)
+    frozen = run.path / "ckpt" / first / "frozen.safetensors"
+    inode = frozen.stat().st_ino
+    _train_head(model)
+    run.commit_checkpoint(model, _state(2), best=False)
+    _train_head(model)
+    third = run.commit_checkpoint(model, _state(3), best=True)  # prunes the first two
+    folder = run.path / "ckpt" / third
+    assert {p.name for p in (run.path / "ckpt").iterdir()} == {third}
+    assert (folder / "frozen.safetensors").stat().st_ino == inode  # never rewritten
+    trained = load_file(folder / "model.safetensors")  # what plain safetensors sees
+    buffers = {name for name, _ in model.named_buffers()}
+    assert set(trained) == {"fc.weight", "fc.bias"} | buffers
+    assert set(load_file(folder / "frozen.safetensors")).isdisjoint(trained)
+    _assert_whole(run.load_checkpoint("last")[0], model)  # resume, eval of the test split
+    _assert_whole(read_state_dict(run.path / "model.safetensors"), model)  # pretrained: <run>/...
+    _assert_whole(read_state_dict(weights_file(run.path)), model)  # predict, export, load:
+
+
+@pytest.mark.parametrize("change", ["unfrozen", "changed in place"])
+def test_a_frozen_tensor_that_changes_is_never_taken_from_the_shared_file(tmp_path, change):
+    model, run = _head_only(), _started(tmp_path / "run")
+    first = run.commit_checkpoint(model, _state(1), best=True)
+    if change == "unfrozen":  # gradual unfreezing: it trains from now on
+        model.conv1[0].weight.requires_grad_(True)
+    with torch.no_grad():
+        model.conv1[0].weight.mul_(-1.0)
+    second = run.commit_checkpoint(model, _state(2), best=False)
+    old, new = (run.path / "ckpt" / name / "frozen.safetensors" for name in (first, second))
+    assert old.stat().st_ino != new.stat().st_ino
+    assert "conv1.0.weight" in load_file(old) and "conv1.0.weight" not in load_file(new)
+    assert set(load_file(new)) == set(load_file(old)) - {"conv1.0.weight"}
+    _assert_whole(run.load_checkpoint("last")[0], model)
+    assert torch.equal(run.load_checkpoint("best")[0]["conv1.0.weight"], -model.conv1[0].weight)
+
+
+def test_a_failed_save_leaves_no_extra_link_to_the_shared_file(tmp_path):
+    model, run = _head_only(), _started(tmp_path / "run")
+    first = run.commit_checkpoint(model, _state(1), best=True)
+    with pytest.raises(TypeError, match="not data"):  # fails after the frozen file is linked
+        run.commit_checkpoint(model, _state(2, where=Path("/tmp")), best=False)
+    assert [p.name for p in (run.path / "ckpt").iterdir()] == [first]
+    assert (run.path / "ckpt" / first / "frozen.safetensors").stat().st_nlink == 1
+    _assert_whole(run.load_checkpoint("last")[0], model)
+
+
+@pytest.mark.parametrize("damage", ["missing", "another checkpoint's"])
+def test_a_checkpoint_without_its_own_frozen_file_is_refused(tmp_path, damage):
+    model, run = _head_only(), _started(tmp_path / "run")
+    run.commit_checkpoint(model, _state(1), best=True)
+    weights = run.path / "last" / "model.safetensors"
+    frozen = weights.resolve().parent / "frozen.safetensors"
+    frozen.unlink()
+    if damage == "another checkpoint's":
+        model.conv1[0].weight.requires_grad_(True)
+        other = _started(tmp_path / "other")
+        other.commit_checkpoint(model, _state(1), best=True)
+        frozen.write_bytes((other.path / "last" / "frozen.safetensors").read_bytes())
+    expected = "which is missing" if damage == "missing" else "not the frozen tensors"
+    with pytest.raises(UserError, match=expected) as caught:
+        read_state_dict(weights)
+    assert "frozen.safetensors" in str(caught.value)
+    with pytest.raises(UserError, match=expected):
+        run.load_checkpoint("last")
+
+
+def test_a_frozen_file_named_by_a_path_is_refused(tmp_path):
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.parent.mkdir()
+    write_safetensors(
+        {"w": torch.ones(1)}, weights, {"finetune_frozen_file": "../elsewhere.safetensors"}
+    )
+    with pytest.raises(UserError, match="not a file name"):
+        read_state_dict(weights)
+
+
+def test_gradual_unfreezing_resumes_bit_identically_and_exports_the_trained_values(
+    tmp_path, monkeypatch
+):
+    """layer1 is frozen in epoch 1 (in the shared file) and trains from epoch 2 (in the
+    checkpoint's own model file); a run stopped between the two resumes to the same weights."""
+    monkeypatch.setattr("finetune.training.plot_curves", lambda folder: None)  # 2 s a run
+    recipe = Recipe.from_dict(
+        tiny_recipe(
+            data={"train": {"type": "fake", "num_samples": 16, "num_classes": 3}},
+            freeze={"until": "layer2", "unfreeze": [{"epoch": 2, "patterns": ["layer1.*"]}]},
+        )
+    )
+    straight = finetune.run(recipe, run_dir=tmp_path / "straight").run_dir
+
+    def stop(model, stages, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return unfreeze_due(model, stages, epoch)
+
+    monkeypatch.setattr("finetune.loop.unfreeze_due", stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(recipe, run_dir=tmp_path / "stopped")
+    monkeypatch.setattr("finetune.loop.unfreeze_due", unfreeze_due)
+    stopped = tmp_path / "stopped"
+    before = load_file(stopped / "last" / "frozen.safetensors")
+    layer1 = [key for key in before if key.startswith("layer1.")]
+    assert layer1 and not set(layer1) & set(load_file(stopped / "last" / "model.safetensors"))
+    finetune.run(recipe, resume=stopped)
+
+    expected = read_state_dict(straight / "last" / "model.safetensors")
+    resumed = read_state_dict(stopped / "last" / "model.safetensors")
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key
+    own = load_file(stopped / "last" / "model.safetensors")
+    assert set(layer1) <= set(own) and not set(layer1) & set(
+        load_file(stopped / "last" / "frozen.safetensors")
+    )
+    assert not any(torch.equal(own[key], before[key]) for key in layer1 if key.endswith("weight"))
+    result = export_run(
+        stopped / "last" / "model.safetensors", formats=["safetensors"], fuse_bn=False
+    )
+    exported = load_file(result.out / "model.safetensors")
+    for key in expected:
+        assert torch.equal(exported[key], expected[key]), key

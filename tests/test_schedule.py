@@ -437,7 +437,7 @@ def test_loop_steps_plateau_on_the_metric_and_state_pt_loads_weights_only(tmp_pa
 
 
 def test_loop_follows_a_per_group_lambda_schedule_with_warmup(tmp_path):
-    """The LRs the loop logs at each epoch's end are the schedule's, step for step."""
+    """The LRs the loop logs for each epoch are the schedule's at the epoch's last step."""
     from finetune.training import run
 
     scheduler = {
@@ -460,7 +460,7 @@ def test_loop_follows_a_per_group_lambda_schedule_with_warmup(tmp_path):
         lr=0.05,
         epochs=3,
         steps_per_epoch=steps_per_epoch,
-        points=[steps_per_epoch, 2 * steps_per_epoch],
+        points=[steps_per_epoch - 1, 2 * steps_per_epoch - 1],  # each epoch's last step
         **scheduler,
     )
     for group in ("fc.*", "default"):
@@ -468,6 +468,43 @@ def test_loop_follows_a_per_group_lambda_schedule_with_warmup(tmp_path):
         assert logged == pytest.approx([lr for _, _, lr in preview[group][-2:]], rel=1e-9)
     state = RunFolder(result.run_dir).read_checkpoint_state(result.run_dir / "last")
     assert state["scheduler"]["scheduler"]["_schedulers"][1]["lr_lambdas"] == [None, None]
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        {"name": "cosine", "warmup_epochs": 1},  # per step
+        {"name": "step", "interval": "epoch", "step_size": 1, "gamma": 0.5},  # per epoch
+        {"name": "plateau", "monitor": "train/loss", "mode": "max", "patience": 0},
+        {"name": "onecycle", "max_lr": 0.1},
+    ],
+    ids=lambda scheduler: scheduler["name"],
+)
+def test_the_lr_column_is_the_lr_of_each_epochs_last_step(tmp_path, scheduler):
+    """Whatever the schedule steps on, ``lr`` and ``lr/<group>`` in a metrics row are the
+    learning rates the optimizer used for the epoch's last step."""
+    from finetune.training import run
+
+    used: list[dict[str, float]] = []
+    original_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append({group["name"]: group["lr"] for group in self.param_groups})
+        return original_step(self, *args, **kwargs)
+
+    data = tiny_recipe(train={"epochs": 3, "device": "cpu"}, scheduler=scheduler)
+    data["optimizer"]["param_groups"] = [{"match": "fc.*", "lr_mult": 2}]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.SGD, "step", recording_step)
+        result = run(Recipe.from_dict(data), run_dir=tmp_path / "run")
+    rows = RunFolder(result.run_dir).read_metrics()
+    steps_per_epoch = 3  # 24 images, batch 8
+    for epoch, row in enumerate(rows, start=1):
+        last = used[epoch * steps_per_epoch - 1]
+        assert {name: row[f"lr/{name}"] for name in last} == pytest.approx(last, rel=1e-12)
+        assert row["lr"] == next(iter(last.values()))  # the first group's
+    if scheduler["name"] != "plateau":  # whether a plateau reduces depends on the losses
+        assert len({row["lr/default"] for row in rows}) > 1  # the schedule did move
 
 
 def test_a_cosine_floor_above_a_groups_lr_is_refused():

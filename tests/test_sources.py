@@ -148,6 +148,20 @@ def test_digits_per_class_is_seeded():
     assert pick(0) == pick(0) and pick(0) != pick(1)
 
 
+def test_a_source_without_a_seed_follows_the_recipes_seed():
+    """``--set seed=N`` draws other labelled digits too, unless the source names its own."""
+
+    def pick(source: DigitsSource, seed: int) -> list[bytes]:
+        opened = open_source(source, key="data.train", image_size=8, seed=seed)
+        return [np.asarray(opened[i][0]).tobytes() for i in range(len(opened))]
+
+    unseeded = DigitsSource(type="digits", classes=[0, 1, 2], per_class=4)
+    assert pick(unseeded, 1) == pick(unseeded.model_copy(update={"seed": 1}), 7)
+    assert pick(unseeded, 0) != pick(unseeded, 1)
+    own = unseeded.model_copy(update={"seed": 3})
+    assert pick(own, 0) == pick(own, 1)
+
+
 # ------------------------------------------------------------------------------ class counting
 def test_count_classes_agrees_with_the_opened_source(odd_folder):
     root, _ = odd_folder  # with a hidden folder and loose files beside the classes

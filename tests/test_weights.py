@@ -15,7 +15,7 @@ from torch import nn
 from finetune.errors import UserError
 from finetune.model import build_model
 from finetune.run_folder import RunFolder
-from finetune.weights import load_partial, read_state_dict
+from finetune.weights import load_partial, read_state_dict, write_safetensors
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 
@@ -269,6 +269,18 @@ def test_a_prefix_to_strip_and_one_to_add_are_suggested_together():
     state = {f"encoder.{key}": value for key, value in _tiny(seed=1).state_dict().items()}
     report = load_partial(Wrapper(), state)
     assert "{strip_prefix: [encoder.], add_prefix: backbone.} would load" in report.suggestion
+
+
+def test_a_module_used_in_two_places_is_written_and_loads_back(tmp_path):
+    """Its parameters appear under both names, sharing memory, which safetensors refuses as is."""
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    write_safetensors(model.state_dict(), tmp_path / "tied.safetensors")
+    fresh = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    fresh.append(fresh[0])
+    report = load_partial(fresh, tmp_path / "tied.safetensors")
+    assert report.loaded == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    torch.testing.assert_close(fresh[0].weight, shared.weight)
 
 
 def test_unrelated_keys_show_examples_of_both_sides():

@@ -52,6 +52,8 @@ class DataConfig(Section):
     augment: Augmentations = [Augmentation("hflip", FlipArgs())]
     eval_transforms: Augmentations = []  # resize / center_crop for evaluation
     normalize: Literal["auto", "imagenet", "dataset", "none"] | NormalizeStats = "auto"
+    cache: Literal["none", "memory"] = "none"  # memory: decode and resize each image once
+    cache_max_ram_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5  # refuse a larger cache
 
     @field_validator("eval_transforms")
     @classmethod

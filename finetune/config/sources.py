@@ -72,14 +72,15 @@ class DigitsSource(Section):
 
     ``split`` picks a fixed stratified 80/20 division of the 1,797 images, so that a train and a
     val source never share an image. ``classes`` selects digits (relabelled 0..k-1 in the given
-    order); ``per_class`` keeps that many images of each class, chosen with ``seed``.
+    order); ``per_class`` keeps that many images of each class, chosen with ``seed`` (by
+    default the recipe's, so ``--set seed=N`` draws other images too).
     """
 
     type: Literal["digits"]
     split: Literal["train", "val", "all"] = "all"
     classes: list[Annotated[int, Field(ge=0, le=9)]] = list(range(10))
     per_class: PositiveInt | None = None
-    seed: int = 0
+    seed: int | None = None  # None: the recipe's seed
 
     @field_validator("classes")
     @classmethod
@@ -95,7 +96,7 @@ class FakeSource(Section):
     type: Literal["fake"]
     num_samples: PositiveInt = 64
     num_classes: Annotated[int, Field(ge=2)] = 4
-    seed: int = 0
+    seed: int | None = None  # None: the recipe's seed
 
 
 DataSource = Annotated[

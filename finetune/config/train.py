@@ -34,9 +34,13 @@ class TrainConfig(Section):
     grad_accum_steps: PositiveInt = 1
     clip_grad_norm: PositiveFloat | None = None
     channels_last: bool | Literal["auto"] = "auto"
+    compile: bool | Literal["auto"] = "auto"  # torch.compile; auto: on for CUDA
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     sync_batchnorm: bool = False
     checkpoint_every: CheckpointEvery = CheckpointEvery()
+    # Frozen backbone, deterministic inputs: compute features once (finetune.feature_cache).
+    cache_features: bool | Literal["auto"] = "auto"
+    cache_features_memory_gb: PositiveFloat = 4.0  # larger caches are memory-mapped
 
     @field_validator("device")
     @classmethod
@@ -48,10 +52,11 @@ class TrainConfig(Section):
 
 
 class OutputConfig(Section):
-    """Where the run folder goes, and which metric picks the best weights."""
+    """Where the run folder goes, which metric picks the best weights, and TensorBoard logs."""
 
     dir: PathValue = Path("checkpoints")
     save_best: Literal["val/top1", "val/loss"] = "val/top1"
+    tensorboard: bool = False  # event files in <run>/tensorboard (finetune.tensorboard_log)
 
 
 ExportFormat = Literal["safetensors", "torchscript", "onnx", "pt2"]
