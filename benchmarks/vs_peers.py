@@ -291,7 +291,8 @@ def finetune_run(spec: dict[str, Any]) -> None:
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     print(path.read_text())
-    sys.argv = ["finetune", "run", str(path), "--run-dir", str(out / "finetune-run")]
+    run_dir = tempfile.mkdtemp(prefix="finetune-run-", dir=out)  # a new run folder every time
+    sys.argv = ["finetune", "run", str(path), "--run-dir", run_dir]
     try:
         finetune_main()
     except SystemExit as exit:  # typer ends with sys.exit(0)

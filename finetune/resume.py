@@ -35,6 +35,7 @@ CHANGEABLE = (
     "train.checkpoint_every",
     "train.clip_grad_norm",
     "train.cache_features",  # the same rows with or without it
+    "train.compile",  # the same module, compiled or not
     "optimizer.lr",
     "optimizer.weight_decay",
     "data.num_workers",

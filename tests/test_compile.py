@@ -45,11 +45,13 @@ def graphs(monkeypatch) -> list[bool]:
     torch._dynamo.reset()
 
 
-def test_auto_is_off_on_the_cpu(graphs):
-    assert resolve_compile("auto", torch.device("cpu")) is False
+def test_auto_is_off_on_the_cpu_and_on_for_cuda(graphs, monkeypatch):
     built = build(_recipe("auto"))
     built.model(torch.zeros(2, 3, 32, 32))
-    assert graphs == []
+    assert graphs == []  # nothing was compiled
+    monkeypatch.setattr("finetune.runtime.compile_unavailable", lambda device: None)
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    assert resolve_compile("auto", torch.device("cuda")) is True  # where inductor can work
 
 
 def test_compiled_training_saves_plain_keys_resumes_and_trains_as_eager(tmp_path, graphs):
