@@ -34,6 +34,10 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a recipe key: --set optimizer.lr=3e-4 (repeatable)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+TrainedSourceArg = Annotated[
+    Path,
+    typer.Argument(help="A run folder, a checkpoint inside one, or an export folder or file."),
+]
 TrustCodeOpt = Annotated[
     bool,
     typer.Option(
@@ -171,10 +175,7 @@ def _argv_without_nproc(argv: list[str]) -> list[str]:
 @app.command("eval")
 @handles_errors
 def eval_(
-    source: Annotated[
-        Path,
-        typer.Argument(help="A run folder, a checkpoint inside one, or an export folder or file."),
-    ],
+    source: TrainedSourceArg,
     data: Annotated[Path, typer.Argument(help="An image folder with one sub-folder per class.")],
     json_: JsonOpt = False,
     trust_code: TrustCodeOpt = False,
@@ -218,10 +219,7 @@ def eval_(
 @app.command()
 @handles_errors
 def predict(
-    source: Annotated[
-        Path,
-        typer.Argument(help="A run folder, a checkpoint inside one, or an export folder or file."),
-    ],
+    source: TrainedSourceArg,
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 5,
     json_: JsonOpt = False,
@@ -243,10 +241,7 @@ def predict(
 @app.command("inspect")
 @handles_errors
 def inspect_(
-    source: Annotated[
-        Path,
-        typer.Argument(help="A run folder, a checkpoint inside one, or an export folder or file."),
-    ],
+    source: TrainedSourceArg,
     out: Annotated[Path, typer.Option(help="The folder the pictures go into.")],
     image: Annotated[
         list[Path] | None,
