@@ -216,11 +216,12 @@ def build_optimizer(
     options: dict[str, Any] | None = None,
     lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over ``groups``, built by timm's ``create_optimizer_v2``.
+    """The optimizer ``name`` over ``groups``: torch's class for ``OPTIMIZERS``, else built by
+    timm's ``create_optimizer_v2``.
 
     Each group keeps its own ``lr``, ``weight_decay`` and ``name`` (``param_names`` is left out).
-    Options left as ``None`` keep the optimizer's defaults: torch's for ``OPTIMIZERS`` (timm
-    would make ``sgd`` Nesterov with momentum 0.9), timm's for its own names. An option the
+    Options left as ``None`` keep the optimizer's defaults: torch's for ``OPTIMIZERS`` (timm's
+    factory would make ``sgd`` Nesterov with momentum 0.9), timm's for its own names. An option the
     optimizer's constructor does not take is an error that names it.
 
     Args:
@@ -246,17 +247,17 @@ def build_optimizer(
     extra = dict(options or {})
     cls = optimizer_class(name)
     _check_options(name, cls, given, extra)
-    kwargs = {**_torch_defaults(name), **given, **extra}
+    kwargs = {"lr": lr * lr_scale, "weight_decay": weight_decay, **given, **extra}
     torch_groups = [
         {**{k: v for k, v in g.items() if k != "param_names"}, "lr": g["lr"] * lr_scale}
         for g in groups
     ]
-    from timm.optim import create_optimizer_v2
-
     try:
-        return create_optimizer_v2(
-            torch_groups, opt=name, lr=lr * lr_scale, weight_decay=weight_decay, **kwargs
-        )
+        if name in OPTIMIZERS:  # torch's own class, torch's defaults: no timm import needed
+            return cls(torch_groups, **kwargs)
+        from timm.optim import create_optimizer_v2
+
+        return create_optimizer_v2(torch_groups, opt=name, **kwargs)
     except (TypeError, ValueError) as error:  # e.g. a value out of the optimizer's range
         raise UserError(f"optimizer: {name}: {error}") from None
 
@@ -277,18 +278,6 @@ def _check_options(name: str, cls: type, given: dict[str, Any], extra: dict[str,
                     f"{prefix}.{key}: {name} ({cls.__name__}) has no option {key!r}; "
                     f"it takes: {', '.join(valid)}"
                 )
-
-
-def _torch_defaults(name: str) -> dict[str, Any]:
-    """The defaults timm changes for torch's optimizers, put back to torch's own values."""
-    if name not in OPTIMIZERS:
-        return {}
-    from timm.optim import get_optimizer_info
-
-    info = get_optimizer_info(name)
-    changed = set(info.defaults or {}) | ({"momentum"} if info.has_momentum else set())
-    parameters = inspect.signature(OPTIMIZERS[name].__init__).parameters
-    return {key: parameters[key].default for key in changed}
 
 
 def lr_scale_factor(
