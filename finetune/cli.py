@@ -118,13 +118,18 @@ def run(
         ),
     ] = None,
     nproc: Annotated[
-        int,
-        typer.Option(min=1, help="Train with N processes (one per GPU) under torchrun, with DDP."),
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Train with N processes (one per GPU) under torchrun, with DDP; 1 runs the "
+            "distributed path in one process.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Validate, build, train, evaluate and checkpoint. The last line printed is the run folder."""
     loaded = _load_recipe(recipe, set_)
-    if nproc > 1:
+    if nproc is not None:
         from finetune.launch import is_torchrun_child, launch_torchrun
 
         if not is_torchrun_child():
@@ -156,8 +161,9 @@ def run(
 
 def _nproc_option() -> str:
     """`` --nproc N`` for a message printed by a torchrun worker (its argv lost the option)."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    return f" --nproc {processes}" if processes > 1 else ""
+    from finetune.launch import is_torchrun_child
+
+    return f" --nproc {os.environ['WORLD_SIZE']}" if is_torchrun_child() else ""
 
 
 def _argv_without_nproc(argv: list[str]) -> list[str]:

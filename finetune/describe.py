@@ -290,7 +290,8 @@ def describe_run(built: Built, folder: RunFolder, console: Console) -> None:
         f"run folder: {folder.path}  ({len(datasets.train)} train / "
         f"{len(datasets.val)} val images, {len(datasets.classes)} classes, "
         f"device {runtime.device}, {runtime.precision}, {runtime.world_size} "
-        f"process(es), effective batch {built.effective_batch_size})",
+        f"process(es){f' with DDP over {runtime.backend}' if runtime.distributed else ''}, "
+        f"effective batch {built.effective_batch_size})",
         highlight=False,
     )
     if built.recipe.data.cache != "none":

@@ -93,6 +93,7 @@ class Runtime:
     channels_last: bool = False
     rank: int = 0
     world_size: int = 1
+    distributed: bool = False  # in a process group, the model wrapped in DDP (even alone)
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,11 +103,14 @@ class Runtime:
     def create(
         cls, *, device: str = "auto", precision: str = "auto", channels_last: bool | str = "auto"
     ) -> Runtime:
-        """Resolve ``auto`` choices; under torchrun (``WORLD_SIZE`` > 1), join the process group
-        and take the GPU of this process's ``LOCAL_RANK``."""
+        """Resolve ``auto`` choices; under torchrun (``--nproc N``, one process included), join
+        the process group and take the GPU of this process's ``LOCAL_RANK``."""
+        from finetune.launch import is_torchrun_child
+
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         resolved = resolve_device(device)
-        if world_size > 1:
+        distributed = world_size > 1 or is_torchrun_child()
+        if distributed:
             from finetune.distributed import init_process_group
 
             if resolved.type == "cuda":
@@ -121,6 +125,7 @@ class Runtime:
             channels_last=bool(channels_last),
             rank=rank,
             world_size=world_size,
+            distributed=distributed,
         )
 
     @property
@@ -133,8 +138,9 @@ class Runtime:
         return self.device.type == "cuda"
 
     @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    def backend(self) -> str | None:
+        """The process group's backend (``nccl``, ``gloo``), or ``None`` in a single process."""
+        return torch.distributed.get_backend() if self.distributed else None
 
     def prepare(
         self, model: nn.Module, sync_batchnorm: bool = False, compile: bool = False
@@ -248,7 +254,7 @@ class Runtime:
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over processes (identity in a single process)."""
-        if self.world_size > 1:
+        if self.distributed:
             torch.distributed.all_reduce(values)
         return values
 

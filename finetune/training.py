@@ -243,6 +243,7 @@ def _summary(folder: RunFolder, state: LoopState, built: Built, status: str) -> 
         {
             "status": status,
             "processes": built.runtime.world_size,
+            "backend": built.runtime.backend,
             "effective_batch_size": built.effective_batch_size,
             "best": {"epoch": state.best_epoch, metric: state.best_value},
             "final": state.history[-1] if state.history else {},

@@ -98,8 +98,16 @@ def two_runs(tmp_path_factory):
     out = tmp / "out"
     ddp = run_cli("run", str(path), "--nproc", "2", "--set", f"output.dir={out}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # --nproc 1: the same process group and DDP wrapper, in one process.
     single = run_cli(
-        "run", str(path), "--set", "data.batch_size=8", "--run-dir", str(tmp / "single")
+        "run",
+        str(path),
+        "--nproc",
+        "1",
+        "--set",
+        "data.batch_size=8",
+        "--run-dir",
+        str(tmp / "single"),
     )
     assert single.returncode == 0, single.stderr
     return Path(ddp.stdout.strip().splitlines()[-1]), tmp / "single", out, val
@@ -112,6 +120,14 @@ def test_one_run_folder_written_once(two_runs):
     assert [json.loads(row)["epoch"] for row in rows] == [1, 2]
     summary = json.loads((ddp_dir / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["effective_batch_size"] == 8
+    assert summary["backend"] == "gloo"
+
+
+def test_nproc_1_is_one_process_in_a_process_group(two_runs):
+    _, single_dir, _, _ = two_runs
+    summary = json.loads((single_dir / "summary.json").read_text())
+    assert summary["processes"] == 1 and summary["effective_batch_size"] == 8
+    assert summary["backend"] == "gloo"
 
 
 def test_weights_equal_a_single_process_run_with_the_same_effective_batch(two_runs):

@@ -104,6 +104,7 @@ def test_recipe_runs_end_to_end(runs, name):
     assert result.stdout.strip().splitlines()[-1] == str(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs"] == 1
+    assert summary["processes"] == 1 and summary["backend"] is None  # no --nproc: no DDP
     assert (run_dir / "best" / "model.safetensors").is_file()
     assert not (tmp / "checkpoints").exists()  # --run-dir: nothing in the default place
 
