@@ -8,6 +8,7 @@ import os
 # process beats two processes fighting over every core. Set before numpy or torch load.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -120,14 +121,26 @@ def run_cli(
     )
 
 
-def cli(*args: str) -> str:
-    """Run the real command line in this process (no interpreter start-up); its stdout."""
+def invoke_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real command line in this process (typer's ``CliRunner``), as ``run_cli`` reports it:
+    for tests of what a command writes and prints, without the seconds a new interpreter spends
+    importing torch. What only a process shows (signals, torchrun, imports, environment read
+    at import) stays with ``run_cli``."""
     from typer.testing import CliRunner
 
-    from finetune.cli import app
+    from finetune.cli import app, with_resume_value
 
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, result.output
+    with contextlib.chdir(cwd or Path.cwd()):
+        result = CliRunner().invoke(app, with_resume_value(list(args)), prog_name="finetune")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # an escaped exception is a bug: show its traceback
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def cli(*args: str) -> str:
+    """``invoke_cli`` of a command that must succeed; its stdout."""
+    result = invoke_cli(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 

@@ -1,4 +1,6 @@
-"""The real ``finetune`` command in subprocesses: runs, run folders, resume, exit codes."""
+"""The real ``finetune`` command: runs, run folders, resume, exit codes. In subprocesses where the
+process itself is tested (a whole run, signals, imports); in this process (``invoke_cli``) where
+only what the command prints and writes is."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.run_folder import RunFolder
-from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
+from tests.conftest import REPO, invoke_cli, run_cli, tiny_recipe, write_recipe
 
 
 def test_help_does_not_import_torch():
@@ -29,7 +31,7 @@ def test_help_does_not_import_torch():
 
 def test_validate_ok(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
-    result = run_cli("validate", str(path))
+    result = invoke_cli("validate", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
 
@@ -49,7 +51,7 @@ def test_validate_ok(tmp_path):
 def test_bad_recipe_exits_2_without_traceback_or_run_folder(tmp_path, change, expected):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(**change))
     for command in ("validate", "run"):
-        result = run_cli(command, str(path), "--set", f"output.dir={tmp_path / 'out'}")
+        result = invoke_cli(command, str(path), "--set", f"output.dir={tmp_path / 'out'}")
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr
         assert "Traceback" not in result.stderr
@@ -58,7 +60,7 @@ def test_bad_recipe_exits_2_without_traceback_or_run_folder(tmp_path, change, ex
 
 def test_unknown_backbone_suggests_timm_names(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(model={"backbone": "resnet_50"}))
-    result = run_cli("run", str(path), "--set", f"output.dir={tmp_path / 'out'}")
+    result = invoke_cli("run", str(path), "--set", f"output.dir={tmp_path / 'out'}")
     assert result.returncode == 2
     assert "unknown model 'resnet_50'" in result.stderr and "resnet50" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -128,7 +130,7 @@ def test_a_copied_run_folder_gets_its_model_link_back(tmp_path):
 
 def test_default_run_folder_and_latest_link(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(train={"epochs": 1, "device": "cpu"}))
-    result = run_cli("run", str(path), "--set", f"output.dir={tmp_path / 'out'}")
+    result = invoke_cli("run", str(path), "--set", f"output.dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert run_dir.parent == tmp_path / "out" / "tiny"
@@ -203,7 +205,7 @@ def test_sigterm_checkpoints_and_the_resume_ends_bit_identical(tmp_path, interru
 
 def test_resume_of_a_folder_that_is_no_run_exits_2(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
-    result = run_cli("run", str(path), "--resume", str(tmp_path))
+    result = invoke_cli("run", str(path), "--resume", str(tmp_path))
     assert result.returncode == 2
     assert "not a run folder" in result.stderr
 
@@ -211,10 +213,10 @@ def test_resume_of_a_folder_that_is_no_run_exits_2(tmp_path):
 def test_bare_resume_continues_the_recipes_latest_run(tmp_path):
     out = tmp_path / "out"
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(train={"epochs": 1, "device": "cpu"}))
-    first = run_cli("run", str(path), "--set", f"output.dir={out}")
+    first = invoke_cli("run", str(path), "--set", f"output.dir={out}")
     assert first.returncode == 0, first.stderr
     run_dir = first.stdout.strip().splitlines()[-1]
-    resumed = run_cli(
+    resumed = invoke_cli(
         "run", str(path), "--set", f"output.dir={out}", "--resume", "--set", "train.epochs=2"
     )
     assert resumed.returncode == 0, resumed.stderr
@@ -256,14 +258,14 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
         train={"epochs": 3, "device": "cpu"},
     )
     path = write_recipe(tmp / "r.yaml", recipe)
-    result = run_cli("run", str(path), "--run-dir", str(tmp / "run"))
+    result = invoke_cli("run", str(path), "--run-dir", str(tmp / "run"))
     assert result.returncode == 0, result.stderr
     return tmp / "run", images
 
 
 def test_eval_reports_metrics_per_class(trained_run):
     run_dir, images = trained_run
-    result = run_cli("eval", str(run_dir), str(images), "--json")
+    result = invoke_cli("eval", str(run_dir), str(images), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["images"] == 24
@@ -284,7 +286,7 @@ def test_eval_on_a_folder_with_unknown_classes_exits_2(trained_run, tmp_path):
 
     run_dir, _ = trained_run
     other = make_image_folder(tmp_path / "other", ["cat", "wolf"], per_class=2)
-    result = run_cli("eval", str(run_dir), str(other))
+    result = invoke_cli("eval", str(run_dir), str(other))
     assert result.returncode == 2
     assert "wolf" in result.stderr
 
@@ -292,7 +294,7 @@ def test_eval_on_a_folder_with_unknown_classes_exits_2(trained_run, tmp_path):
 def test_predict_gives_top_k(trained_run):
     run_dir, images = trained_run
     files = sorted((images / "dog").iterdir())[:2]
-    result = run_cli("predict", str(run_dir), *map(str, files), "--top-k", "2", "--json")
+    result = invoke_cli("predict", str(run_dir), *map(str, files), "--top-k", "2", "--json")
     assert result.returncode == 0, result.stderr
     predictions = json.loads(result.stdout)
     assert [p["image"] for p in predictions] == [str(f) for f in files]
@@ -304,7 +306,7 @@ def test_predict_gives_top_k(trained_run):
 
 def test_predict_missing_image_exits_2(trained_run, tmp_path):
     run_dir, _ = trained_run
-    result = run_cli("predict", str(run_dir), str(tmp_path / "missing.png"))
+    result = invoke_cli("predict", str(run_dir), str(tmp_path / "missing.png"))
     assert result.returncode == 2
     assert "missing.png" in result.stderr
 
@@ -324,10 +326,10 @@ def test_test_split_is_scored_with_the_best_weights(tmp_path):
     )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run_dir = tmp_path / "run"
-    result = run_cli("run", str(path), "--run-dir", str(run_dir))
+    result = invoke_cli("run", str(path), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    evaluated = json.loads(run_cli("eval", str(run_dir), str(test), "--json").stdout)
+    evaluated = json.loads(invoke_cli("eval", str(run_dir), str(test), "--json").stdout)
     assert summary["test"]["test/top1"] == pytest.approx(evaluated["top1"])
     assert summary["test"]["test/loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
     assert "data.test with the best/ weights" in result.stdout

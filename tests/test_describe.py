@@ -15,7 +15,7 @@ from finetune.build import build
 from finetune.describe import plan_to_dict, print_load_report, print_plan
 from finetune.errors import UserError
 from finetune.recipe import Recipe
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import invoke_cli, tiny_recipe, write_recipe
 
 SURGERY = {
     "freeze": {
@@ -199,7 +199,7 @@ def test_plan_prints_the_load_report_table(tmp_path):
 def test_plan_json_from_the_cli(tmp_path):
     state, recipe = _weights_with_another_head(tmp_path)
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    result = run_cli("plan", str(path), "--json", "--set", "optimizer.lr=0.1")
+    result = invoke_cli("plan", str(path), "--json", "--set", "optimizer.lr=0.1")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     expected = _independent_counts()
@@ -253,7 +253,7 @@ def test_plan_shows_linear_lr_scaling_and_writes_the_lr_plot(tmp_path):
             optimizer={"name": "sgd", "lr": 0.1, "lr_scaling": "linear", "base_batch_size": 4}
         ),
     )
-    result = run_cli("plan", str(path), "--json", "--lr-plot", str(tmp_path / "lr.png"))
+    result = invoke_cli("plan", str(path), "--json", "--lr-plot", str(tmp_path / "lr.png"))
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["lr_scale"] == 2.0  # batch 8 / base 4

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from finetune.data import build_loader
 from finetune.distributed import SampleKey, ShardSampler, ShuffleShardSampler
-from tests.conftest import make_image_folder, run_cli, tiny_recipe, write_recipe
+from tests.conftest import invoke_cli, make_image_folder, run_cli, tiny_recipe, write_recipe
 
 
 def test_shards_of_a_global_batch_are_the_single_process_batch():
@@ -142,7 +142,7 @@ def test_weights_equal_a_single_process_run_with_the_same_effective_batch(two_ru
 def test_sharded_metrics_equal_a_single_process_evaluation(two_runs):
     ddp_dir, _, _, val = two_runs
     last_row = json.loads((ddp_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    result = run_cli("eval", str(ddp_dir / "last" / "model.safetensors"), str(val), "--json")
+    result = invoke_cli("eval", str(ddp_dir / "last" / "model.safetensors"), str(val), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["top1"] == pytest.approx(last_row["val/top1"])

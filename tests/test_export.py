@@ -27,7 +27,7 @@ from finetune.errors import UserError
 from finetune.export import compare_logits, export_run, parse_formats
 from finetune.fusion import fuse_bn, fuse_bn_with_report
 from finetune.inference import FILES, load_exported, load_trained, predict_images
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import invoke_cli, tiny_recipe, write_recipe
 
 TOLERANCE = 1e-4
 HAS_ONNX = importlib.util.find_spec("onnx") is not None
@@ -228,7 +228,7 @@ def test_onnx_format_without_the_onnx_package_is_bad_input(monkeypatch):
 def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
     recipe = tiny_recipe(model={"backbone": "test_resnet"}, train={"epochs": 1})
-    result = run_cli(
+    result = invoke_cli(
         "run", str(write_recipe(root / "r.yaml", recipe)), "--run-dir", str(root / "run")
     )
     assert result.returncode == 0, result.stderr
@@ -239,7 +239,9 @@ def trained_run(tmp_path_factory) -> Path:
 def exported(trained_run) -> Path:
     out = trained_run.parent / "exported"
     formats = ["safetensors", "torchscript", "pt2"] + (["onnx"] if HAS_ONNX else [])
-    result = run_cli("export", str(trained_run), "--format", ",".join(formats), "--out", str(out))
+    result = invoke_cli(
+        "export", str(trained_run), "--format", ",".join(formats), "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(out)
     return out
@@ -289,7 +291,7 @@ def test_every_exported_file_loads_back_and_matches(trained_run, exported):
 def test_predict_reads_an_export_folder(trained_run, exported, tmp_path):
     image = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), np.uint8)).save(image)
-    result = run_cli("predict", str(exported), str(image), "--json")
+    result = invoke_cli("predict", str(exported), str(image), "--json")
     assert result.returncode == 0, result.stderr
     (from_export,) = json.loads(result.stdout)
     (from_run,) = predict_images(load_trained(trained_run, device="cpu"), [image])
@@ -325,7 +327,7 @@ def test_export_without_fusion_reports_every_batchnorm_as_remaining(trained_run,
 
 def test_export_beyond_tolerance_exits_1_and_keeps_the_files_as_failed(trained_run, tmp_path):
     out = tmp_path / "out"
-    result = run_cli(
+    result = invoke_cli(
         "export",
         str(trained_run),
         "--format",
@@ -352,7 +354,7 @@ def test_the_recipes_export_section_sets_the_defaults(trained_run, tmp_path):
     info = export_run(run, out=tmp_path / "from-recipe").info
     assert set(info["formats"]) == {"safetensors"} and info["fused"] is False
     assert info["verification"]["tolerance"] == 1e-3
-    result = run_cli(
+    result = invoke_cli(
         "export",
         str(run),
         "--fuse-bn",
@@ -372,7 +374,7 @@ def test_the_recipes_export_section_sets_the_defaults(trained_run, tmp_path):
 
 def test_an_unknown_format_in_the_recipe_is_refused_by_key(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(export={"formats": ["tflite"]}))
-    result = run_cli("validate", str(path))
+    result = invoke_cli("validate", str(path))
     assert result.returncode == 2 and "export.formats" in result.stderr, result.stderr
 
 
@@ -390,6 +392,6 @@ def test_bad_input_exits_2_with_a_clear_message(trained_run, tmp_path, case):
     else:
         (tmp_path / "a-file").write_text("")
         extra, expected = ["--out", str(tmp_path / "a-file" / "out")], "--out: cannot write"
-    result = run_cli("export", str(source), *extra)
+    result = invoke_cli("export", str(source), *extra)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr

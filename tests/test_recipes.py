@@ -1,22 +1,18 @@
-"""Every shipped recipe in recipes/ runs end to end with `python -m finetune run`, shrunk by
---set to one epoch on a few tiny images.
-
-The runs start as parallel subprocesses (most of each one's time is interpreter and torch
-start-up); digits-finetune waits for digits-pretrain, whose run folder is its
-`model.pretrained`, exactly as the quickstart chains them.
+"""Every shipped recipe in recipes/ runs end to end with `finetune run`, shrunk by --set to one
+epoch on a few tiny images. digits-finetune runs after digits-pretrain, whose run folder is its
+`model.pretrained`, exactly as the quickstart chains them. The runs share this process
+(``invoke_cli``): the recipes are under test here, and test_cli.py runs the command itself.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_image_folder
+from tests.conftest import REPO, invoke_cli, make_image_folder
 
 RECIPES = REPO / "recipes"
 SHRINK = ["train.epochs=1", "train.device=cpu", "data.num_workers=0"]
@@ -42,48 +38,24 @@ def overrides(tmp: Path) -> dict[str, list[str]]:
     }
 
 
-def start(name: str, sets: list[str], tmp: Path) -> subprocess.Popen:
-    args = [
-        sys.executable,
-        "-m",
-        "finetune",
-        "run",
-        str(RECIPES / f"{name}.yaml"),
-        "--run-dir",
-        str(tmp / name),
-    ]
+def run_recipe(name: str, sets: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    args = ["run", str(RECIPES / f"{name}.yaml"), "--run-dir", str(tmp / name)]
     for item in sets:
         args += ["--set", item]
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
     # cwd: the recipes' relative default paths (checkpoints/...) must not touch the repository.
-    return subprocess.Popen(
-        args, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return invoke_cli(*args, cwd=tmp)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
     tmp = tmp_path_factory.mktemp("recipes")
     sets = overrides(tmp)
-    first = {name: start(name, sets[name], tmp) for name in sets if name != "digits-finetune"}
-    done = {"digits-pretrain": finish(first.pop("digits-pretrain"))}
-    if done["digits-pretrain"].returncode == 0:
-        first["digits-finetune"] = start("digits-finetune", sets["digits-finetune"], tmp)
-    done.update({name: finish(process) for name, process in first.items()})
+    done = {"digits-pretrain": run_recipe("digits-pretrain", sets["digits-pretrain"], tmp)}
+    for name in sets:
+        if name not in done and (
+            name != "digits-finetune" or done["digits-pretrain"].returncode == 0
+        ):
+            done[name] = run_recipe(name, sets[name], tmp)
     return tmp, done
 
 

@@ -22,7 +22,7 @@ from finetune.schedule import (
     build_scheduler,
     list_schedules,
 )
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import invoke_cli, tiny_recipe, write_recipe
 
 EPOCHS, STEPS_PER_EPOCH = 6, 4
 BASE_LRS = [0.1, 0.01]  # "fc.*" ten times the default group's LR, which is optimizer.lr
@@ -408,7 +408,7 @@ def test_validate_command_rejects_a_plateau_on_a_metric_never_logged(tmp_path):
     path = write_recipe(
         tmp_path / "r.yaml", tiny_recipe(scheduler={"name": "plateau", "monitor": "val/accuracy"})
     )
-    result = run_cli("validate", str(path))
+    result = invoke_cli("validate", str(path))
     assert result.returncode == 2
     assert "scheduler.monitor: 'val/accuracy' is never logged" in result.stderr
     assert "Traceback" not in result.stderr

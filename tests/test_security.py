@@ -3,7 +3,9 @@
 Each attack is a real file that would run code (create a marker file, print) if finetune ran it:
 pickles as weights and as training state, a TorchScript export whose ``forward`` writes a file,
 model cards and saved recipes naming callables, and randomly damaged safetensors files. The
-control cases show the payloads are live: loading them the unsafe way does run them.
+control cases show the payloads are live: loading them the unsafe way does run them. The first
+instance of each attack on a command runs ``python -m finetune`` as a real process; its variants
+(another command, another damage) run the same command line in this process (``invoke_cli``).
 """
 
 from __future__ import annotations
@@ -23,14 +25,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from finetune.cli import app
 from finetune.errors import UserError
 from finetune.inference import CARD_KEY, load_exported, load_trained, predict_images
 from finetune.recipe import Recipe, check_imports
 from finetune.weights import load_partial, read_safetensors, read_state_dict, write_safetensors
-from tests.conftest import make_image_folder, run_cli, tiny_recipe, write_recipe
+from tests.conftest import cli, invoke_cli, make_image_folder, run_cli, tiny_recipe, write_recipe
 
 CLASSES = ["class_0", "class_1", "class_2"]  # the fake dataset's class names
 ADVICE = "weights_only=False"  # torch's advice, which must never reach the user
@@ -47,15 +47,16 @@ class Trained(NamedTuple):
 def trained(tmp_path_factory) -> Trained:
     root = tmp_path_factory.mktemp("security")
     recipe = write_recipe(root / "tiny.yaml", tiny_recipe(train={"epochs": 1, "device": "cpu"}))
-    runner = CliRunner()  # in-process: these are the setting, not what is tested
-    result = runner.invoke(app, ["run", str(recipe), "--run-dir", str(root / "run")])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(
-        app,
-        ["export", str(root / "run"), "--format", "safetensors,torchscript", "--out"]
-        + [str(root / "export")],
+    # in-process: these are the setting, not what is tested
+    cli("run", str(recipe), "--run-dir", str(root / "run"))
+    cli(
+        "export",
+        str(root / "run"),
+        "--format",
+        "safetensors,torchscript",
+        "--out",
+        str(root / "export"),
     )
-    assert result.exit_code == 0, result.output
     images = make_image_folder(root / "images", CLASSES, per_class=2)
     return Trained(recipe, root / "run", root / "export", images)
 
@@ -66,19 +67,6 @@ def an_image(trained: Trained) -> str:
 
 def copy_run(trained: Trained, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained.run, tmp_path / "run", symlinks=True))
-
-
-class Ran(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_in_process(*args: str) -> Ran:
-    """The same command line as ``run_cli``, without a new interpreter (for the variants of a
-    case whose first instance runs as a real process)."""
-    result = CliRunner().invoke(app, list(args))
-    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 def assert_refused(result, path: Path | str, *, says: str = "") -> None:
@@ -154,8 +142,8 @@ def test_resume_refuses_a_hostile_or_damaged_state_file(trained, tmp_path, damag
         torch.save({"optimizer": _Payload(marker)}, target)
     else:
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    cli = run_cli if damage == "pickle" else run_in_process
-    result = cli("run", str(trained.recipe), "--resume", str(run))
+    command_line = run_cli if damage == "pickle" else invoke_cli
+    result = command_line("run", str(trained.recipe), "--resume", str(run))
     assert_refused(result, name)
     assert not marker.exists()
 
@@ -193,7 +181,7 @@ def hostile_torchscript(trained, tmp_path) -> tuple[Path, Path]:
 def test_a_torchscript_file_is_refused_without_trust_code(trained, hostile_torchscript, command):
     path, marker = hostile_torchscript
     target = an_image(trained) if command == "predict" else str(trained.images)
-    result = run_cli(command, str(path), target)
+    result = (run_cli if command == "eval" else invoke_cli)(command, str(path), target)
     assert_refused(result, path, says="loading TorchScript runs code stored in the file")
     assert "--trust-code" in result.stderr and "model.safetensors" in result.stderr
     assert not marker.exists()
@@ -290,7 +278,7 @@ def _run_naming_os_system(trained: Trained, tmp_path: Path) -> Path:
 def test_a_run_whose_recipe_names_os_system_is_refused(trained, tmp_path, command):
     run = _run_naming_os_system(trained, tmp_path)
     target = an_image(trained) if command == "predict" else str(trained.images)
-    result = run_cli(command, str(run), target)
+    result = (run_cli if command == "eval" else invoke_cli)(command, str(run), target)
     assert_refused(result, run / "recipe.yaml", says="scheduler.lambdas: 'os:system'")
 
 
@@ -378,7 +366,7 @@ def test_an_f32_to_i32_header_edit_of_an_export_exits_2(trained, tmp_path):
     path = tmp_path / "model.safetensors"
     shutil.copy(trained.export / "model.safetensors", path)
     _as_int32(path)
-    result = run_cli("predict", str(path), an_image(trained))
+    result = invoke_cli("predict", str(path), an_image(trained))  # a damaged export's variant
     assert_refused(result, path)
 
 

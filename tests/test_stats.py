@@ -20,7 +20,7 @@ from finetune.stats import (
     resolve_normalization,
     with_measured_normalization,
 )
-from tests.conftest import add_odd_files, make_image_folder, run_cli, tiny_recipe
+from tests.conftest import add_odd_files, invoke_cli, make_image_folder, tiny_recipe
 
 
 def numpy_rgb(path: Path) -> np.ndarray:
@@ -58,7 +58,7 @@ def folder(tmp_path: Path) -> tuple[Path, list[Path]]:
 
 def test_stats_command_matches_numpy(folder):
     root, readable = folder
-    result = run_cli("stats", str(root), "--json")
+    result = invoke_cli("stats", str(root), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     mean, std = numpy_statistics(readable)
@@ -69,7 +69,7 @@ def test_stats_command_matches_numpy(folder):
     assert report["width"] == [16, 28] and report["height"] == [16, 28]
     assert len(report["unreadable"]) == 1 and "truncated.jpg" in report["unreadable"][0]
 
-    text = run_cli("stats", str(root), "--workers", "0")
+    text = invoke_cli("stats", str(root), "--workers", "0")
     assert text.returncode == 0, text.stderr
     assert f"{len(readable)} images in 2 classes, 16-28 x 16-28 px" in text.stdout
     assert f"{mean[0]:.4f}" in text.stdout and "recipe: data.normalize: {mean: [" in text.stdout

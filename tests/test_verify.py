@@ -13,7 +13,7 @@ from finetune.config import DataConfig
 from finetune.data import build_datasets
 from finetune.errors import UserError
 from finetune.verify import LISTED, verify_images
-from tests.conftest import make_image_folder, run_cli, tiny_recipe, write_recipe
+from tests.conftest import invoke_cli, make_image_folder, tiny_recipe, write_recipe
 
 
 def bad_folder(root: Path) -> tuple[Path, list[Path]]:
@@ -53,7 +53,7 @@ def folder_recipe(tmp_path: Path, root: Path, **data) -> Path:
 # ---------------------------------------------------------------------------- finetune run
 def test_bad_files_stop_the_run_before_its_folder_exists(tmp_path):
     root, bad = bad_folder(tmp_path / "images")
-    result = run_cli("run", str(folder_recipe(tmp_path, root)))
+    result = invoke_cli("run", str(folder_recipe(tmp_path, root)))
     assert result.returncode == 2, result.stderr
     assert f"{bad[0]}: empty file" in result.stderr
     assert f"{bad[1]}: not an image" in result.stderr
@@ -63,7 +63,7 @@ def test_bad_files_stop_the_run_before_its_folder_exists(tmp_path):
 
 def test_verify_none_leaves_bad_files_to_training(tmp_path):
     root, bad = bad_folder(tmp_path / "images")
-    result = run_cli("run", str(folder_recipe(tmp_path, root, verify="none")))
+    result = invoke_cli("run", str(folder_recipe(tmp_path, root, verify="none")))
     assert result.returncode == 2, result.stderr
     assert "data.verify" not in result.stderr
     assert str(bad[0]) in result.stderr or str(bad[1]) in result.stderr
@@ -72,9 +72,11 @@ def test_verify_none_leaves_bad_files_to_training(tmp_path):
 
 def test_skip_warns_with_a_count_and_trains(tmp_path):
     root, _ = bad_folder(tmp_path / "images")
-    result = run_cli("run", str(folder_recipe(tmp_path, root, on_bad_image="skip")))
+    with pytest.warns(UserWarning) as warned:  # on stderr outside pytest
+        result = invoke_cli("run", str(folder_recipe(tmp_path, root, on_bad_image="skip")))
     assert result.returncode == 0, result.stderr
-    assert "2 of 10 images cannot be read and will be skipped" in result.stderr
+    messages = [str(warning.message) for warning in warned]
+    assert any("2 of 10 images cannot be read and will be skipped" in m for m in messages)
 
 
 # ------------------------------------------------------------------------------ verify_images

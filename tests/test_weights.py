@@ -16,7 +16,7 @@ from finetune.errors import UserError
 from finetune.model import build_model
 from finetune.run_folder import RunFolder
 from finetune.weights import load_partial, read_state_dict, write_safetensors
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import invoke_cli, tiny_recipe, write_recipe
 
 
 def _tiny(num_classes: int = 3, seed: int = 0) -> nn.Module:
@@ -336,7 +336,7 @@ def test_bad_checkpoint_exits_2_from_the_cli(tmp_path, kind):
         tmp_path / "r.yaml",
         tiny_recipe(model={"backbone": "test_resnet", "num_classes": 3, "pretrained": str(path)}),
     )
-    result = run_cli("plan", str(recipe))
+    result = invoke_cli("plan", str(recipe))
     assert result.returncode == 2, result.stderr
     assert str(path) in result.stderr and "Traceback" not in result.stderr
     expected = {
