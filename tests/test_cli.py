@@ -156,7 +156,7 @@ def interruptible(tmp_path_factory) -> tuple[Path, Path]:
     )
     path = write_recipe(tmp / "r.yaml", recipe)
     straight = tmp / "straight"
-    assert run_cli("run", str(path), "--run-dir", str(straight)).returncode == 0
+    assert invoke_cli("run", str(path), "--run-dir", str(straight)).returncode == 0
     return path, straight
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import struct
 from collections import Counter
 from pathlib import Path
@@ -350,8 +351,11 @@ def test_a_run_with_every_data_feature(tmp_path, odd_folder):
             train={"epochs": 1, "device": "cpu", "label_smoothing": 0.1},
         )
     )
-    with pytest.warns(UserWarning, match="skipped: .*truncated.jpg"):
+    with pytest.warns(UserWarning) as warned:
         result = run(recipe, run_dir=tmp_path / "run")
+    messages = "\n".join(str(warning.message) for warning in warned)
+    assert "data.verify: 1 of 18 images cannot be read and will be skipped" in messages
+    assert re.search("skipped: .*truncated.jpg", messages)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert {"train/skipped_images", "val/skipped_images"} <= set(row)
     assert row["train/skipped_images"] + row["val/skipped_images"] == 1
