@@ -18,7 +18,9 @@ environment, ``--peers-python``), in rounds whose order rotates. One global opti
 the same in every process, takes the times: start-up is launch to the end of the first
 optimizer step, wall is launch to the return of the training call, and steady img/s is an
 epoch's batches after its first divided by the time between its first and its last step (CUDA
-is synchronised at those two steps only). A peer that is not installed is skipped, and said so.
+is synchronised at those two steps only). CPU per image is the training process's own CPU
+time over the same steps, per image (loader workers not counted): a CPU shared with other work
+slows wall time more than it adds CPU time. A peer that is not installed is skipped, and said so.
 
     python benchmarks/vs_peers.py                               # CPU-sized: 64 px, 2 epochs
     python benchmarks/vs_peers.py --size 160 --images 4096 --batch 128 --epochs 3 --workers 8
@@ -116,20 +118,25 @@ def run_one(name: str, python: str, spec: dict[str, Any], log: Path) -> dict[str
         raise SystemExit(
             f"{name} took {len(steps)} optimizer steps, not {spec['epochs']} x {per_epoch}"
         )
-    epochs = [steps[i : i + per_epoch] for i in range(0, len(steps), per_epoch)]
+
+    def per_image(times: list[float]) -> list[float]:
+        """Each epoch's seconds per image, from its first step to its last."""
+        epochs = [times[i : i + per_epoch] for i in range(0, len(times), per_epoch)]
+        return [(e[-1] - e[0]) / ((len(e) - 1) * spec["batch"]) for e in epochs]
+
     return {
         "wall": report["end"] - launch,
         "first_step": steps[0] - launch,
-        "img_per_s": [(len(e) - 1) * spec["batch"] / (e[-1] - e[0]) for e in epochs],
+        "img_per_s": [1 / seconds for seconds in per_image(steps)],
+        "cpu_per_image": per_image(report["cpu"]),
         "torch": report["torch"],
     }
 
 
-def steady(result: dict[str, Any]) -> float:
-    """Steady-state img/s: the median epoch after the first (which warms up caches, cuDNN's
-    algorithm search and compilation), or the only one."""
-    rates = result["img_per_s"]
-    return statistics.median(rates[1:] or rates)
+def steady(values: list[float]) -> float:
+    """The steady state of a per-epoch figure: the median epoch after the first (which warms up
+    caches, cuDNN's algorithm search and compilation), or the only one."""
+    return statistics.median(values[1:] or values)
 
 
 def medians(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,7 +146,8 @@ def medians(results: list[dict[str, Any]]) -> dict[str, Any]:
         "wall": statistics.median(r["wall"] for r in results),
         "first_step": statistics.median(r["first_step"] for r in results),
         "img_per_s": [statistics.median(r["img_per_s"][i] for r in results) for i in range(epochs)],
-        "steady": statistics.median(steady(r) for r in results),
+        "steady": statistics.median(steady(r["img_per_s"]) for r in results),
+        "cpu": statistics.median(steady(r["cpu_per_image"]) for r in results),
     }
 
 
@@ -149,16 +157,16 @@ def print_table(rows: dict[str, list[dict[str, Any]]]) -> None:
     bare = figures.get("bare")
     columns = (
         "contender, wall s, first step s, img/s per epoch, steady img/s, epoch time / bare, "
-        "first step - bare s, wall - bare s"
+        "CPU per image / bare, first step - bare s, wall - bare s"
     ).split(", ")
     print(f"\n| {' | '.join(columns)} |\n|{'---|' * len(columns)}")
     for name, got in figures.items():
         rates = ", ".join(f"{rate:.1f}" for rate in got["img_per_s"])
         versus = (
-            f"{bare['steady'] / got['steady']:.3f} | {got['first_step'] - bare['first_step']:+.2f} "
-            f"| {got['wall'] - bare['wall']:+.2f}"
+            f"{bare['steady'] / got['steady']:.3f} | {got['cpu'] / bare['cpu']:.3f} "
+            f"| {got['first_step'] - bare['first_step']:+.2f} | {got['wall'] - bare['wall']:+.2f}"
             if bare
-            else "- | - | -"
+            else "- | - | - | -"
         )
         print(
             f"| {name} | {got['wall']:.2f} | {got['first_step']:.2f} | {rates} "
@@ -244,6 +252,7 @@ def run_child(name: str, spec: dict[str, Any]) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     steps: list[float] = []
+    cpu: list[float] = []  # this process's CPU seconds at each step (loader workers not counted)
     per_epoch = spec["steps_per_epoch"]
 
     def timed(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -251,11 +260,12 @@ def run_child(name: str, spec: dict[str, Any]) -> None:
         if len(steps) % per_epoch in (0, per_epoch - 1) and torch.cuda.is_available():
             torch.cuda.synchronize()
         steps.append(time.time())
+        cpu.append(time.process_time())
 
     register_optimizer_step_post_hook(timed)
     {"finetune": finetune_run, "bare": bare, "lightning": lightning, "fastai": fastai}[name](spec)
     end = time.time()
-    report = {"steps": steps, "end": end, "torch": torch.__version__}
+    report = {"steps": steps, "cpu": cpu, "end": end, "torch": torch.__version__}
     (Path(spec["out"]) / f"{name}.json").write_text(json.dumps(report))
 
 
