@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 import contextlib
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,17 @@ def run_on_image_folder(root: Path, classes: list[str]) -> tuple[Path, Path]:
     )
     cli("run", str(write_recipe(root / "r.yaml", recipe)), "--run-dir", str(root / "run"))
     return root / "run", images
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package), loaded once, with
+    benchmarks/ on ``sys.path`` for the helpers the scripts share."""
+    if name not in sys.modules:
+        folder = str(REPO / "benchmarks")
+        if folder not in sys.path:
+            sys.path.append(folder)
+        spec = importlib.util.spec_from_file_location(name, f"{folder}/{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while defined
+        spec.loader.exec_module(module)
+    return sys.modules[name]

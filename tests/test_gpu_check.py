@@ -3,25 +3,22 @@ through the real code, the others say they were skipped, so the script works whe
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
-def test_gpu_check_runs_every_path_this_device_has(tmp_path):
+def test_gpu_check_runs_every_path_this_device_has(tmp_path, monkeypatch):
     table = tmp_path / "gpu-check.md"
-    command = [
-        *("benchmarks/gpu_check.py", "--device", "cpu", "--model", "test_resnet", "--size", "32"),
+    arguments = [
+        *("--device", "cpu", "--model", "test_resnet", "--size", "32"),
         *("--images", "16", "--batch", "8", "--workers", "0", "--bench-model", "test_resnet"),
         *("--bench-size", "32", "--bench-batch", "4", "--bench-batches", "2"),
         *("--skip", "nproc-1"),  # test_distributed.py runs --nproc 1 (15 s of torchrun here)
         *("--out", str(tmp_path / "runs"), "--markdown", str(table)),
     ]
-    result = subprocess.run(
-        [sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", *arguments])
+    assert load_benchmark("gpu_check").main() == 0
     rows = {
         cells[0]: cells[1:]
         for line in table.read_text().splitlines()[4:]

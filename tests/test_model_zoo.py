@@ -8,27 +8,13 @@ that both its heads are replaced).
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
-
-def _load_benchmark():
-    """benchmarks/ is not a package: load the script from its path, once."""
-    if "model_zoo" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "model_zoo", REPO / "benchmarks" / "model_zoo.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["model_zoo"] = module  # dataclasses look their module up while defined
-        spec.loader.exec_module(module)
-    return sys.modules["model_zoo"]
-
-
-zoo = _load_benchmark()
+zoo = load_benchmark("model_zoo")
 
 
 @pytest.mark.parametrize(
