@@ -58,7 +58,7 @@ from rich.table import Table
 import finetune
 from finetune.build import build
 from finetune.run_folder import RunFolder
-from finetune.runtime import Runtime
+from finetune.runtime import Runtime, resolve_device
 
 THROUGHPUT_GOAL = 0.95  # finetune's img/s over the bare loop's, on CUDA
 EXPORT_TOLERANCE = 1e-2  # logits on the device vs. the CPU, relative to the largest |logit|
@@ -81,7 +81,7 @@ class Check:
 
     def __init__(self, args: argparse.Namespace, root: Path) -> None:
         self.args, self.root = args, root
-        self.device = Runtime.create(device=args.device, precision="fp32").device
+        self.device = resolve_device(args.device)
         self.runs: dict[str, Path] = {}
 
     @property

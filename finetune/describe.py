@@ -286,11 +286,12 @@ def describe_run(built: Built, folder: RunFolder, console: Console) -> None:
         print_load_report(built.network.load_report, console)
     datasets, runtime = built.datasets, built.runtime
     assert datasets is not None
+    ddp = f" with DDP over {runtime.backend}" if runtime.distributed else ""
     console.print(
         f"run folder: {folder.path}  ({len(datasets.train)} train / "
         f"{len(datasets.val)} val images, {len(datasets.classes)} classes, "
         f"device {runtime.device}, {runtime.precision}, {runtime.world_size} "
-        f"process(es){f' with DDP over {runtime.backend}' if runtime.distributed else ''}, "
+        f"process(es){ddp}, "
         f"effective batch {built.effective_batch_size})",
         highlight=False,
     )

@@ -15,6 +15,7 @@ from finetune.build import build
 from finetune.describe import plan_to_dict, print_load_report, print_plan
 from finetune.errors import UserError
 from finetune.recipe import Recipe
+from finetune.weights import LoadReport
 from tests.conftest import invoke_cli, tiny_recipe, write_recipe
 
 SURGERY = {
@@ -130,20 +131,24 @@ def test_plan_needs_a_number_for_the_lr():
         )
 
 
+def _load_report_of(state: dict, tmp_path) -> tuple[LoadReport, str]:
+    """The load report of test_resnet starting from ``state`` (as a weights file), and the text
+    ``print_load_report`` shows for it, on one line."""
+    save_file(state, tmp_path / "w.safetensors")
+    model = {
+        "backbone": "test_resnet",
+        "num_classes": 3,
+        "pretrained": str(tmp_path / "w.safetensors"),
+    }
+    report = plan(Recipe.from_dict(tiny_recipe(model=model))).network.load_report
+    console = Console(record=True, width=200)
+    print_load_report(report, console)
+    return report, " ".join(console.export_text().split())
+
+
 def test_load_report_warns_loudly_when_almost_nothing_matches(tmp_path):
     state = {f"encoder.{k}": v for k, v in timm.create_model("test_resnet").state_dict().items()}
-    save_file(state, tmp_path / "w.safetensors")
-    recipe = tiny_recipe(
-        model={
-            "backbone": "test_resnet",
-            "num_classes": 3,
-            "pretrained": str(tmp_path / "w.safetensors"),
-        }
-    )
-    built = plan(Recipe.from_dict(recipe))
-    console = Console(record=True, width=200)
-    print_load_report(built.network.load_report, console)
-    text = " ".join(console.export_text().split())
+    _, text = _load_report_of(state, tmp_path)
     assert "WARNING: only 0 of the model's" in text
     assert "model.load: {strip_prefix: [encoder.]} would load 90 of the file" in text
 
@@ -152,18 +157,7 @@ def test_load_report_shows_a_rule_that_would_load_more_even_when_most_loaded(tmp
     """The last stage under another prefix: no loud warning, but the rule is shown."""
     state = timm.create_model("test_resnet").state_dict()
     state = {(f"encoder.{k}" if k.startswith("layer3") else k): v for k, v in state.items()}
-    save_file(state, tmp_path / "w.safetensors")
-    recipe = tiny_recipe(
-        model={
-            "backbone": "test_resnet",
-            "num_classes": 3,
-            "pretrained": str(tmp_path / "w.safetensors"),
-        }
-    )
-    report = plan(Recipe.from_dict(recipe)).network.load_report
-    console = Console(record=True, width=200)
-    print_load_report(report, console)
-    text = " ".join(console.export_text().split())
+    report, text = _load_report_of(state, tmp_path)
     assert report.warning is None and "WARNING" not in text
     assert "hint: model.load: {strip_prefix: [encoder.]} would load" in text
 

@@ -98,6 +98,7 @@ def two_runs(tmp_path_factory):
     out = tmp / "out"
     ddp = run_cli("run", str(path), "--nproc", "2", "--set", f"output.dir={out}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es) with DDP over gloo" in ddp.stdout
     # --nproc 1: the same process group and DDP wrapper, in one process.
     single = run_cli(
         "run",
