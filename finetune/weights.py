@@ -241,13 +241,15 @@ def _torch_refusal(error: Exception) -> str:
     return f"not a readable torch weights file: truncated or corrupt, or more than data ({reason})"
 
 
-# Sentences of torch.load's messages that advise loading with weights_only=False, or point at
-# torch's issue tracker and docs: not for our users.
+# Sentences of torch.load's messages that advise loading with weights_only=False (or say the
+# file "can still be loaded"), or point at torch's issue tracker and docs: not for our users.
 _TORCH_ADVICE = (
     "weights_only",
     "weights only",
     "re-running",
     "trusted source",
+    "still be loaded",
+    "trust the source",
     "file an issue",
     "documentation",
 )

@@ -128,6 +128,8 @@ def test_predict_refuses_a_pickle_that_runs_code_as_a_runs_weights(trained, tmp_
     weights = _pickles(run, marker)["nested"]
     result = run_cli("predict", str(weights), an_image(trained))
     assert_refused(result, weights, says="refused to load: unpickling it would run code")
+    assert "(Unsupported global: GLOBAL exec was not an allowed global" in result.stderr
+    assert "still be loaded" not in result.stderr and "\x1b[" not in result.stderr
     assert not marker.exists()
 
 
