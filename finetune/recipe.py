@@ -9,6 +9,7 @@ imports torch.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import types
 import typing
@@ -259,8 +260,8 @@ def describe_errors(error: ValidationError, where: tuple[str | int, ...] = ()) -
     ``where``: the recipe path of the section that was validated, when it is not ``Recipe``.
     """
     lines = []
-    for item in error.errors():
-        loc = (*where, *_without_union_tags(item["loc"]))
+    for item in _chosen_members(error.errors()):
+        loc = (*where, *_without_union_tags(item["loc"], item["type"] == "extra_forbidden"))
         key = ".".join(str(part) for part in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key{_suggestion(loc)}")
@@ -273,6 +274,33 @@ def describe_errors(error: ValidationError, where: tuple[str | int, ...] = ()) -
                 message += f" (got {got!r}){_closest_choice(item)}{_unquote_hint(item)}"
             lines.append(f"{key}: {message}" if loc else message)
     return lines
+
+
+# A mapping given to a scalar, a scalar given to a section: what the other members of a union of
+# scalars and a section (``train.cache_features``) say beside the member the value was meant for.
+_SCALAR_TYPE_ERRORS = frozenset(
+    {"bool_type", "literal_error", "int_type", "float_type", "string_type", "path_type"}
+)
+
+
+def _chosen_members(items: list[Any]) -> list[Any]:
+    """``items`` less the other members' errors: a mapping reports the section's problems, a
+    scalar the scalar members' (``cache_features: {views: 0}`` is not "not a valid boolean")."""
+
+    def misfit(item: Any) -> bool:
+        if isinstance(item.get("input"), dict):
+            return item["type"] in _SCALAR_TYPE_ERRORS
+        return item["type"] == "model_type"
+
+    def key(item: Any) -> tuple[Any, ...]:
+        return _without_union_tags(item["loc"], item["type"] == "extra_forbidden")
+
+    fitting = [key(item) for item in items if not misfit(item)]
+    return [
+        item
+        for item in items
+        if not (misfit(item) and any(k[: len(key(item))] == key(item) for k in fitting))
+    ]
 
 
 def _closest_choice(item: Any) -> str:
@@ -306,16 +334,38 @@ _TAG_PREFIXES = (
 _TYPE_TAGS = frozenset({"bool", "str", "int", "float", "path", "literal['auto']"})
 
 
-def _without_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Pydantic puts the union member into the path (``data.train.digits.seed``); drop it."""
+def _without_union_tags(loc: tuple[Any, ...], unknown_key: bool = False) -> tuple[Any, ...]:
+    """Pydantic puts the union member into the path (``data.train.digits.seed``, a section by
+    its class: ``train.cache_features.CachedViews.views``); drop it. ``unknown_key``: the last
+    part is a key the user wrote, kept whatever it is."""
+    last = len(loc) - 1 if unknown_key else len(loc)
     return tuple(
         part
-        for part in loc
+        for position, part in enumerate(loc)
         if not (
             isinstance(part, str)
-            and (part in _UNION_TAGS or part in _TYPE_TAGS or part.startswith(_TAG_PREFIXES))
+            and (
+                part in _UNION_TAGS
+                or part in _TYPE_TAGS
+                or part.startswith(_TAG_PREFIXES)
+                or (part in _section_names() and position < last)
+            )
         )
     )
+
+
+@functools.cache
+def _section_names() -> frozenset[str]:
+    """The class names of every section reachable from ``Recipe``."""
+    found: dict[str, type[BaseModel]] = {}
+    pending: list[type[BaseModel]] = [Recipe]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ not in found:
+            found[cls.__name__] = cls
+            for field in cls.model_fields.values():
+                pending.extend(_model_classes(field.annotation))
+    return frozenset(found)
 
 
 def _suggestion(loc: tuple[Any, ...]) -> str:

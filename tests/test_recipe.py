@@ -124,6 +124,21 @@ def test_typo_gets_the_closest_key():
     assert lines == ["optimizer.momentun: unknown key; did you mean 'momentum'?"]
 
 
+def test_a_union_of_scalars_and_a_section_reports_the_member_the_value_was_written_for():
+    """``train.cache_features`` is auto, true, false or ``{views: K}``: a mapping's problems are
+    the section's, under its own keys, and a scalar's are not "not a mapping"."""
+    assert problems(tiny_recipe(train={"cache_features": {"views": 0}})) == [
+        "train.cache_features.views: Input should be greater than or equal to 1 (got 0)"
+    ]
+    assert problems(tiny_recipe(train={"cache_features": {"view": 2}})) == [
+        "train.cache_features.views: required key is missing",
+        "train.cache_features.view: unknown key; did you mean 'views'?",
+    ]
+    lines = problems(tiny_recipe(train={"cache_features": "yes"}))
+    assert len(lines) == 2 and not any("dictionary" in line for line in lines)
+    assert lines[0].endswith("(got 'yes'); write true or false without quotes")
+
+
 def test_every_error_is_listed_by_dotted_key():
     data = tiny_recipe(train={"epochs": 0, "device": "cpu"})
     data["optimizer"]["lr"] = 0
