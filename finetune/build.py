@@ -334,5 +334,6 @@ def _feature_cache(
         directory=recipe.output.dir / CACHE_FOLDER,
         memory_limit_gb=recipe.train.cache_features_memory_gb,
         sources=recipe.data.model_dump(mode="json", include={"train", "val"}),
+        seed=recipe.seed,
         progress=runtime.is_main,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune.build import Built
+from finetune.config.train import CachedViews
 from finetune.errors import UserError
 from finetune.loop import LoopState, loop_state
 from finetune.recipe import Recipe
@@ -34,7 +35,7 @@ CHANGEABLE = (
     "train.device",
     "train.checkpoint_every",
     "train.clip_grad_norm",
-    "train.cache_features",  # the same rows with or without it
+    "train.cache_features",  # the same rows with or without it (not to or from views)
     "train.compile",  # the same module, compiled or not
     "optimizer.lr",
     "optimizer.weight_decay",
@@ -67,12 +68,24 @@ def changes_on_resume(saved: Recipe, recipe: Recipe) -> set[str]:
             f"the saved values); start a new run instead. Changeable: {', '.join(CHANGEABLE)}",
             fixed,
         )
+    if _changes_views(saved, recipe):
+        raise UserError(
+            "--resume: train.cache_features: {views: K} trains on other images than the "
+            "uncached run and than another K; it cannot change on a resume (true, false and auto "
+            "can: they give the same rows)"
+        )
     if changed & SCHEDULE_KEYS and recipe.scheduler.name in FIXED_SCHEDULES:
         raise UserError(
             f"--resume: scheduler.name: {recipe.scheduler.name} runs one cycle over the whole "
             f"run; {', '.join(sorted(changed & SCHEDULE_KEYS))} cannot change on a resume"
         )
     return changed
+
+
+def _changes_views(saved: Recipe, recipe: Recipe) -> bool:
+    """Whether ``train.cache_features`` changes to, from or between views."""
+    old, new = saved.train.cache_features, recipe.train.cache_features
+    return old != new and (isinstance(old, CachedViews) or isinstance(new, CachedViews))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> set[str]:

@@ -4,6 +4,8 @@ uncached loop gives, and the cache is used exactly when that holds."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 
 import numpy as np
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 from finetune.build import build
 from finetune.cli import app
 from finetune.errors import Interrupted, UserError
-from finetune.feature_cache import CACHE_FOLDER
+from finetune.feature_cache import CACHE_FOLDER, head_input
 from finetune.freezing import unfreeze_due
 from finetune.loop import StopRequest, fit
 from finetune.recipe import Recipe
@@ -126,6 +128,60 @@ def test_true_where_it_cannot_hold_is_an_error_naming_each_condition(tmp_path):
     assert not build(Recipe.from_dict(recipe), data=False).features.plan.used
 
 
+def _views_recipe(tmp_path, views: int, **train) -> dict:
+    recipe = _recipe(tmp_path, cache_features={"views": views}, **train)
+    recipe["data"]["augment"] = ["hflip"]
+    return recipe
+
+
+def test_views_are_augmented_features_that_the_epochs_take_in_turn(tmp_path):
+    """Each cached row of a view is the features of the image or of its mirror image (hflip),
+    the views differ, epochs 1, 2, 3 train on views 0, 1, 0, and the views are the same when
+    computed again, by a loader worker this time."""
+    rows, model, cache = _fit(_views_recipe(tmp_path, 2, epochs=3))
+    assert cache.computed and cache.plan.views == 2
+    train = np.load(cache.folder / "train.npy")
+    assert train.shape == (2, 24, 96) and np.load(cache.folder / "val.npy").shape == (1, 12, 96)
+
+    built = build(Recipe.from_dict(_views_recipe(tmp_path, 2)))
+    split, evaluate = built.train_loader.dataset, built.val_loader.dataset.transform
+    images = torch.stack([evaluate(split.source[i][0]) for i in split.indices])
+    _, features_of = head_input(model.eval(), ["fc"])
+    with torch.no_grad():
+        plain, mirrored = features_of(images).numpy(), features_of(images.flip(-1)).numpy()
+    is_plain = np.isclose(train, plain, atol=1e-5).all(-1)
+    assert (is_plain | np.isclose(train, mirrored, atol=1e-5).all(-1)).all()
+    assert is_plain.any() and not is_plain.all() and (is_plain[0] != is_plain[1]).any()
+
+    assert [cache.inputs(epoch).train_loader.dataset.view for epoch in (1, 2, 3)] == [0, 1, 0]
+    single, _, _ = _fit(_views_recipe(tmp_path, 1, epochs=3))  # view 0 is the same draw
+    _assert_same_rows(single[:1], rows[:1])
+    assert single[1]["train/loss"] != pytest.approx(rows[1]["train/loss"], abs=1e-5)
+
+    shutil.rmtree(cache.folder)
+    recipe = _views_recipe(tmp_path, 2, epochs=3)
+    recipe["data"]["num_workers"] = 1
+    again, _, cache = _fit(recipe)
+    assert cache.computed and np.array_equal(np.load(cache.folder / "train.npy"), train)
+    _assert_same_rows(again, rows)
+
+
+@pytest.mark.parametrize(
+    "augment, views, reason",
+    [
+        (["hflip", {"mixup": 0.2}], 2, "data.augment: mixup mixes the images of a batch"),
+        ([], 2, "data.augment: nothing is random, so every view would be the same; use true"),
+    ],
+)
+def test_views_where_they_cannot_hold_are_an_error(tmp_path, augment, views, reason):
+    recipe = _recipe(tmp_path, cache_features={"views": views})
+    recipe["data"]["augment"] = augment
+    with pytest.raises(UserError, match=rf"^train.cache_features: \{{views: {views}\}}, but "):
+        build(Recipe.from_dict(recipe), data=False)
+    with pytest.raises(UserError, match=re.escape(reason)):
+        build(Recipe.from_dict(recipe), data=False)
+
+
 @pytest.mark.parametrize(
     "backbone, freeze, where",
     [
@@ -158,10 +214,25 @@ def test_plan_says_whether_the_cache_is_used_and_its_size(tmp_path):
     flipped = ["plan", str(path), "--set", "data.augment=[hflip]"]
     result = CliRunner().invoke(app, [*flipped, "--set", "train.cache_features=true"])
     assert result.exit_code == 2 and "data.augment: hflip is random" in result.output
+    views = [*flipped, "--set", "train.cache_features={views: 4}"]
+    result = CliRunner().invoke(app, views, terminal_width=250)
+    assert result.exit_code == 0, result.output
+    assert (
+        "train.cache_features: {views: 4} (epochs 1-2 of 2 train the head on features computed "
+        "once: 4 augmented views of each training image, one per epoch in turn, 384 bytes per "
+        "image and view)" in result.output
+    )
+    result = CliRunner().invoke(app, [*views, "--json"])
+    assert json.loads(result.output)["feature_cache"]["setting"] == {"views": 4}
 
 
-def test_a_run_resumed_mid_epoch_reuses_the_features_and_ends_the_same(tmp_path, monkeypatch):
-    recipe = _recipe(tmp_path, epochs=3)
+@pytest.mark.parametrize("views", [None, 2])
+def test_a_run_resumed_mid_epoch_reuses_the_features_and_ends_the_same(
+    tmp_path, monkeypatch, views
+):
+    recipe = (
+        _recipe(tmp_path, epochs=3) if views is None else _views_recipe(tmp_path, views, epochs=3)
+    )
     rows, _, _ = _fit(recipe)
     folder, stop = RunFolder(tmp_path / "run"), StopRequest()
     folder.create()

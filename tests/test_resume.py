@@ -70,6 +70,21 @@ def test_changeable_keys_are_reported():
     assert changes_on_resume(saved, new) == {"train.epochs", "optimizer.lr", "data.num_workers"}
 
 
+def test_cache_features_may_change_on_a_resume_except_to_from_or_between_views():
+    saved = Recipe.from_dict(RECIPE)
+    assert changes_on_resume(saved, _with(saved, train__cache_features=False)) == {
+        "train.cache_features"
+    }
+    views = _with(saved, train__cache_features={"views": 2})
+    for old, new in [
+        (saved, views),
+        (views, saved),
+        (views, _with(views, train__cache_features={"views": 3})),
+    ]:
+        with pytest.raises(UserError, match=r"\{views: K\} .* cannot change on a resume"):
+            changes_on_resume(old, new)
+
+
 def test_more_epochs_continue_the_cosine_from_where_it_stands(tmp_path, monkeypatch):
     """Stopped after epoch 2 of 4, continued to 6: the LR goes on down from its value, never
     back up, and ends at the floor."""

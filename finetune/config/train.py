@@ -25,6 +25,13 @@ class CheckpointEvery(Section):
     minutes: PositiveFloat | None = 10.0  # a kill loses at most about this much training
 
 
+class CachedViews(Section):
+    """``train.cache_features: {views: K}``: with random augmentations, cache the features of K
+    augmented views of every training image; epoch e trains on view (e - 1) mod K."""
+
+    views: PositiveInt
+
+
 class TrainConfig(Section):
     """The training loop's settings (``finetune.loop.fit`` and ``finetune.runtime``)."""
 
@@ -38,8 +45,9 @@ class TrainConfig(Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     sync_batchnorm: bool = False
     checkpoint_every: CheckpointEvery = CheckpointEvery()
-    # Frozen backbone, deterministic inputs: compute features once (finetune.feature_cache).
-    cache_features: bool | Literal["auto"] = "auto"
+    # Frozen backbone, deterministic inputs: compute features once (finetune.feature_cache);
+    # {views: K} caches K augmented views of each training image for random augmentations.
+    cache_features: bool | Literal["auto"] | CachedViews = "auto"
     cache_features_memory_gb: PositiveFloat = 4.0  # larger caches are memory-mapped
 
     @field_validator("device")
