@@ -19,13 +19,13 @@ of K views per image, reproducible from the recipe's seed: a resumed run trains 
 
 The features are those the head receives in the model's own forward pass, captured by a hook on
 its input (``head_input``), for timm and torchvision models alike. They are written once to
-``<output.dir>/.feature-cache/<key>/`` (``<split>.npy`` and ``<split>-labels.npy``, NumPy files
-read back without pickle) under a key that hashes what they depend on: the weights and modules
-below the head, the image files (path, size, modification time) or the source's recipe keys, the
-split's indices and labels, its transform, the device type and the precision (and with views,
-their number and the seed). Another run over
-the same data and weights (a sweep of head learning rates, a resumed run) reuses them. They are
-loaded into memory when they fit ``train.cache_features_memory_gb``, else memory-mapped.
+``<output.dir>/.feature-cache/<key>/`` (``<split>.npy``, shaped (views, images, features), and
+``<split>-labels.npy``, NumPy files read back without pickle) under a key that hashes what they
+depend on: the weights and modules below the head, the image files (path, size, modification
+time) or the source's recipe keys, the split's indices and labels, its transform, the device
+type and the precision, and with views their number and the seed. Another run over the same data
+and weights (a sweep of head learning rates, a resumed run) reuses them. They are loaded into
+memory when they fit ``train.cache_features_memory_gb``, else memory-mapped.
 """
 
 from __future__ import annotations
