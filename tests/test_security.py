@@ -4,8 +4,10 @@ Each attack is a real file that would run code (create a marker file, print) if 
 pickles as weights and as training state, a TorchScript export whose ``forward`` writes a file,
 model cards and saved recipes naming callables, and randomly damaged safetensors files. The
 control cases show the payloads are live: loading them the unsafe way does run them. The first
-instance of each attack on a command runs ``python -m finetune`` as a real process; its variants
-(another command, another damage) run the same command line in this process (``invoke_cli``).
+instance of each kind of attack (a pickle, a TorchScript program, a card naming code, a recipe
+naming code, a damaged export) runs ``python -m finetune`` as a real process; its variants
+(another command, another damage, another name) run the same command line in this process
+(``invoke_cli``).
 """
 
 from __future__ import annotations
@@ -144,8 +146,7 @@ def test_resume_refuses_a_hostile_or_damaged_state_file(trained, tmp_path, damag
         torch.save({"optimizer": _Payload(marker)}, target)
     else:
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    command_line = run_cli if damage == "pickle" else invoke_cli
-    result = command_line("run", str(trained.recipe), "--resume", str(run))
+    result = invoke_cli("run", str(trained.recipe), "--resume", str(run))  # predict's variant
     assert_refused(result, name)
     assert not marker.exists()
 
@@ -233,7 +234,7 @@ def _export_naming(trained: Trained, folder: Path, head_type: str, *, in_recipe:
 
 def test_a_card_naming_builtins_print_is_refused_and_nothing_is_printed(trained, tmp_path):
     path = _export_naming(trained, tmp_path / "export", "builtins:print", in_recipe=False)
-    result = run_cli("predict", str(path), an_image(trained))
+    result = invoke_cli("predict", str(path), an_image(trained))  # the next test's variant
     assert_refused(result, path, says="'builtins:print'")
     assert "--trust-code" in result.stderr
     assert result.stdout == ""
@@ -286,7 +287,7 @@ def test_a_run_whose_recipe_names_os_system_is_refused(trained, tmp_path, comman
 
 def test_resume_refuses_a_saved_recipe_naming_code_the_users_recipe_does_not(trained, tmp_path):
     run = _run_naming_os_system(trained, tmp_path)
-    result = run_cli("run", str(trained.recipe), "--resume", str(run))
+    result = invoke_cli("run", str(trained.recipe), "--resume", str(run))  # eval's variant
     assert_refused(result, run / "recipe.yaml", says="'os:system'")
 
 
